@@ -1,0 +1,3 @@
+from anima_core.cli import main
+
+main()

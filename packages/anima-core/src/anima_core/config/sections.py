@@ -1,0 +1,130 @@
+"""The core config sections. Plugin-provided sections (adapter, optimizer, ...) are typed here by their static
+base class; :mod:`anima_core.config.schema` swaps in the discriminated union of the installed variants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from anima_core.options import (
+    AdapterOptions,
+    InferenceSamplerOptions,
+    LossOptions,
+    LRSchedulerOptions,
+    OptimizerOptions,
+    StrictModel,
+    TimestepSamplerOptions,
+    field,
+    ui,
+)
+
+Precision = Literal["bf16", "fp16", "fp32"]
+
+
+class ModelSection(StrictModel):
+    ui_group = "model"
+    transformer: Optional[Path] = field(None, "Anima DiT: the official single file (DiT + llm_adapter) or a "
+                                              "diffusers directory.")
+    text_encoder: Optional[Path] = field(None, "Qwen3-0.6B: one safetensors file or a Hugging Face directory.")
+    vae: Optional[Path] = field(None, "Qwen-Image VAE: the single file (Wan2.1 layout) or a diffusers directory.")
+    qwen_tokenizer: Optional[Path] = field(None, "Directory with the Qwen2/Qwen3 tokenizer files.", advanced=True)
+    t5_tokenizer: Optional[Path] = field(None, "Directory with the T5 (t5-v1_1-xxl) tokenizer files.",
+                                         advanced=True)
+    dtype: Precision = field("bf16", "Weight dtype of the DiT and text encoder.")
+    vae_dtype: Precision = field("fp32", "Weight dtype of the VAE.", advanced=True)
+    attention: Literal["sdpa", "xformers", "flash"] = field("sdpa", "Attention backend.", advanced=True)
+    gradient_checkpointing: bool = field(True, "Recompute activations in backward to save memory.")
+
+
+class DatasetSection(StrictModel):
+    ui_group = "dataset"
+    path: Optional[Path] = field(None, "Folder of images with same-stem captions (.txt/.caption/.json).")
+    resolution: list[int] = field([1024], "Base resolution(s); several values train multi-resolution.",
+                                  min_length=1)
+    repeats: int = field(1, "How often each image appears per epoch (on top of N_name folder repeats).", ge=1)
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiples_of_16(cls, value: list[int]) -> list[int]:
+        bad = [r for r in value if r <= 0 or r % 16]
+        if bad:
+            raise ValueError(f"resolution values must be positive multiples of 16 (VAE 8 × patch 2), found {bad}")
+        return value
+
+
+class LossWeighting(StrictModel):
+    ui_group = "loss"
+    scheme: Literal["none", "min_snr", "cosmap", "detail_inv_t"] = field("none", "Per-timestep loss weight.")
+    min_snr_gamma: float = field(5.0, "γ of min-SNR weighting.", gt=0, show_when="scheme==min_snr")
+    detail_inv_t_min: float = field(1.0, "Lower clamp of 1/t.", ge=1, le=20, show_when="scheme==detail_inv_t")
+    detail_inv_t_max: float = field(5.0, "Upper clamp of 1/t.", ge=1, le=50, show_when="scheme==detail_inv_t")
+    cap_ratio: float = field(0.0, "If > 1, cap weights within a batch at min(weight) × this ratio.", ge=0, le=50,
+                             advanced=True)
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> LossWeighting:
+        if self.detail_inv_t_min > self.detail_inv_t_max:
+            raise ValueError(f"detail_inv_t_min ({self.detail_inv_t_min}) must not exceed detail_inv_t_max "
+                             f"({self.detail_inv_t_max})")
+        return self
+
+
+class NoiseOptions(StrictModel):
+    ui_group = "train"
+    type: Literal["none", "offset", "pyramid"] = field("none", "Extra structure added to the training noise.")
+    offset: float = field(0.0, "Offset-noise strength (per sample and channel).", ge=0, show_when="type==offset")
+    pyramid_iterations: int = field(6, "Pyramid (multi-resolution) noise levels.", ge=1,
+                                    show_when="type==pyramid")
+    pyramid_discount: float = field(0.35, "Pyramid noise discount per level.", gt=0, le=1,
+                                    show_when="type==pyramid")
+
+
+class TrainSection(StrictModel):
+    ui_group = "train"
+    seed: int = field(42, "Seed of every random draw in training.")
+    max_steps: Optional[int] = field(None, "Stop after this many optimizer steps (wins over epochs).", ge=1)
+    epochs: int = field(10, "Passes over the dataset (when max_steps is not set).", ge=1)
+    batch_size: int = field(1, "Images per micro-batch.", ge=1)
+    grad_accum: int = field(1, "Micro-batches per optimizer step.", ge=1)
+    mixed_precision: Literal["bf16", "fp16", "no"] = field("bf16", "Autocast precision (fp16 uses a grad scaler).")
+    grad_clip: float = field(1.0, "Max gradient norm (0 disables clipping).", ge=0)
+    loss_weighting: LossWeighting = Field(default_factory=LossWeighting, json_schema_extra=ui("loss"))
+    noise: NoiseOptions = Field(default_factory=NoiseOptions, json_schema_extra=ui("train", advanced=True))
+
+
+class SampleSection(StrictModel):
+    ui_group = "sample"
+    sampler: Optional[InferenceSamplerOptions] = field(None, "Inference sampler for preview images.")
+    prompts: list[str] = field([], "Preview prompts (rotating); empty disables previews.")
+    negative_prompt: str = field("", "Negative prompt for CFG.")
+    steps: int = field(30, "Sampling steps.", ge=1)
+    cfg: float = field(4.0, "Classifier-free guidance scale (1 disables CFG).", ge=0)
+    shift: float = field(3.0, "Flow-matching sigma shift (ComfyUI's Anima default is 3).", gt=0)
+    width: int = field(1024, "Image width (multiple of 16).", ge=16, multiple_of=16)
+    height: int = field(1024, "Image height (multiple of 16).", ge=16, multiple_of=16)
+    seed: int = field(0, "Seed of the preview images.")
+
+
+class OutputSection(StrictModel):
+    ui_group = "output"
+    dir: Path = field(Path("output"), "Folder for LoRA files, samples, state and logs.")
+    name: str = field("anima_lora", "Base name of the saved LoRA files.", min_length=1)
+
+
+class TrainingConfig(StrictModel):
+    """The static shape of a config. The model actually used is built at run time by
+    :func:`anima_core.config.schema.training_config_model`, which narrows each plugin section to the installed
+    variants; attribute access through this base stays typed."""
+
+    model: ModelSection = Field(default_factory=ModelSection, json_schema_extra=ui("model"))
+    dataset: DatasetSection = Field(default_factory=DatasetSection, json_schema_extra=ui("dataset"))
+    adapter: Optional[AdapterOptions] = Field(None, json_schema_extra=ui("adapter"))
+    optimizer: Optional[OptimizerOptions] = Field(None, json_schema_extra=ui("optimizer"))
+    lr_scheduler: Optional[LRSchedulerOptions] = Field(None, json_schema_extra=ui("lr_scheduler"))
+    loss: Optional[LossOptions] = Field(None, json_schema_extra=ui("loss"))
+    timestep_sampler: Optional[TimestepSamplerOptions] = Field(None, json_schema_extra=ui("timestep_sampler"))
+    train: TrainSection = Field(default_factory=TrainSection, json_schema_extra=ui("train"))
+    sample: SampleSection = Field(default_factory=SampleSection, json_schema_extra=ui("sample"))
+    output: OutputSection = Field(default_factory=OutputSection, json_schema_extra=ui("output"))

@@ -1,0 +1,1 @@
+"""Pure functions of the training objective that are core options, not plugin kinds."""
