@@ -165,9 +165,11 @@ class LoRAAdapter:
         found = select_linears(model, o.targets, o.exclude)
         if not found:
             raise ValueError(f"adapter.targets matched no nn.Linear module (targets: {o.targets})")
+        # Models that know their original checkpoint names (the Anima DiT) get ComfyUI-loadable keys.
+        namer = getattr(model, "original_module_name", None)
         for name, linear in found.items():
             rank = rank_for(name, o.rank, o.rank_by_regex)
-            self.network.add(lora_key(name, self.prefix),
+            self.network.add(lora_key(namer(name) if namer else name, self.prefix),
                              LoRAModule(linear, rank, o.alpha if o.alpha is not None else rank, o.dropout,
                                         o.rs_lora))
 

@@ -21,7 +21,7 @@ Examples:
 
 def build_app() -> typer.Typer:
     """A fresh app with core's commands and every loaded plugin's commands."""
-    from anima_core.cli import config_cmd, plugins_cmd
+    from anima_core.cli import config_cmd, generate_cmd, plugins_cmd
     from anima_core.plugin_host import get_host
 
     app = typer.Typer(name="anima", help=HELP, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -35,6 +35,7 @@ def build_app() -> typer.Typer:
             if record.distribution != "anima-core":
                 typer.echo(f"{record.distribution} {record.version} ({record.status})")
 
+    app.command("generate")(generate_cmd.generate)
     app.add_typer(plugins_cmd.app, name="plugins")
     app.add_typer(config_cmd.app, name="config")
     get_host().add_commands(app)

@@ -1,0 +1,113 @@
+"""Applying LoRA files at inference: our own files and the forms ComfyUI loads for Anima
+(``lora_unet_<original path>`` with ``lora_down``/``lora_up``/``alpha``, and ``diffusion_model.<original path>``
+with ``lora_A``/``lora_B``). The delta is merged into the weights and can be removed again exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from anima_core.errors import UserError
+from anima_core.model.checkpoint import load_safetensors
+
+_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up",
+             "alpha": "alpha"}
+
+
+def parse_lora_arg(value: str) -> tuple[Path, float]:
+    """``FILE[:STRENGTH]`` as ``anima generate --lora`` takes it."""
+    path, sep, strength = value.rpartition(":")
+    if sep and path and not Path(value).exists():
+        try:
+            return Path(path), float(strength)
+        except ValueError:
+            pass
+    return Path(value), 1.0
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    for suffix, role in _SUFFIXES.items():
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], role
+    return None
+
+
+def original_paths(model: nn.Module) -> dict[str, str]:
+    """Original checkpoint path → module path, for every Linear the model can name."""
+    namer = getattr(model, "original_module_name")
+    out = {}
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            try:
+                out[namer(path)] = path
+            except KeyError:
+                continue
+    return out
+
+
+def lora_deltas(tensors: dict[str, torch.Tensor], known: dict[str, str], source: str) -> dict[str, torch.Tensor]:
+    """ΔW per module path (scale alpha/rank applied; 1 when the file has no alpha, as ComfyUI)."""
+    from anima_core.model.names import original_path_from_comfy_lora_name
+
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in tensors.items():
+        split = _split(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        name, role = split
+        groups.setdefault(name, {})[role] = tensor
+    deltas: dict[str, torch.Tensor] = {}
+    unmatched = []
+    for name, parts in groups.items():
+        if name.startswith("diffusion_model."):
+            original = name[len("diffusion_model."):]
+        elif name.startswith("lora_unet_"):
+            original = original_path_from_comfy_lora_name(name, known.keys())
+        else:
+            original = None
+        if original not in known or "down" not in parts or "up" not in parts:
+            unmatched.append(name)
+            continue
+        down, up = parts["down"].float(), parts["up"].float()
+        rank = down.shape[0]
+        scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
+        deltas[known[original]] = (up.flatten(1) @ down.flatten(1)) * scale
+    if unknown and not deltas:
+        raise UserError(f"--lora {source}: not a LoRA file anima can apply (keys such as {unknown[:2]}; LoKr/LoHa "
+                        f"need the anima-adapters-lycoris plugin)")
+    if unmatched and not deltas:
+        raise UserError(f"--lora {source}: none of its {len(groups)} modules match this model (e.g. "
+                        f"{unmatched[:2]}); is it a LoRA for Anima?")
+    return deltas
+
+
+@dataclass
+class AppliedLoRA:
+    """A LoRA merged into a model at a strength; :meth:`remove` restores the weights."""
+
+    model: nn.Module
+    deltas: dict[str, torch.Tensor]
+    strength: float
+    skipped: list[str] = field(default_factory=list)
+
+    def _apply(self, sign: float) -> None:
+        modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            for path, delta in self.deltas.items():
+                w = modules[path].weight
+                w += (sign * self.strength * delta).to(w.device, w.dtype)
+
+    def remove(self) -> None:
+        self._apply(-1.0)
+
+
+def apply_lora_file(model: nn.Module, path: Path | str, strength: float = 1.0) -> AppliedLoRA:
+    tensors, _ = load_safetensors(path, "--lora", "a LoRA .safetensors file")
+    applied = AppliedLoRA(model, lora_deltas(tensors, original_paths(model), str(path)), strength)
+    applied._apply(1.0)
+    return applied
