@@ -25,10 +25,10 @@ class LoRAModule(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rs: bool = False) -> None:
         super().__init__()
         self.rank = rank
-        self.lora_down = nn.Linear(base.in_features, rank, bias=False,
-                                   device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_up = nn.Linear(rank, base.out_features, bias=False,
-                                 device=base.weight.device, dtype=base.weight.dtype)
+        # fp32 whatever the base dtype: bf16 LoRA weights lose small AdamW updates (autocast still runs the
+        # matmuls in the compute dtype).
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         # ComfyUI applies alpha / rank; with rs-scaling we store the alpha that gives alpha_user / sqrt(rank).

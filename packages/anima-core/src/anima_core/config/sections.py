@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
+from anima_core.data.config import DatasetSection
 from anima_core.options import (
     AdapterOptions,
     InferenceSamplerOptions,
@@ -36,22 +37,6 @@ class ModelSection(StrictModel):
     vae_dtype: Precision = field("fp32", "Weight dtype of the VAE.", advanced=True)
     attention: Literal["sdpa", "xformers", "flash"] = field("sdpa", "Attention backend.", advanced=True)
     gradient_checkpointing: bool = field(True, "Recompute activations in backward to save memory.")
-
-
-class DatasetSection(StrictModel):
-    ui_group = "dataset"
-    path: Optional[Path] = field(None, "Folder of images with same-stem captions (.txt/.caption/.json).")
-    resolution: list[int] = field([1024], "Base resolution(s); several values train multi-resolution.",
-                                  min_length=1)
-    repeats: int = field(1, "How often each image appears per epoch (on top of N_name folder repeats).", ge=1)
-
-    @field_validator("resolution")
-    @classmethod
-    def _multiples_of_16(cls, value: list[int]) -> list[int]:
-        bad = [r for r in value if r <= 0 or r % 16]
-        if bad:
-            raise ValueError(f"resolution values must be positive multiples of 16 (VAE 8 × patch 2), found {bad}")
-        return value
 
 
 class LossWeighting(StrictModel):
@@ -83,13 +68,14 @@ class NoiseOptions(StrictModel):
 
 class TrainSection(StrictModel):
     ui_group = "train"
-    seed: int = field(42, "Seed of every random draw in training.")
+    seed: int = field(42, "Seed of every random draw in training (data order, captions, noise, timesteps).")
     max_steps: Optional[int] = field(None, "Stop after this many optimizer steps (wins over epochs).", ge=1)
     epochs: int = field(10, "Passes over the dataset (when max_steps is not set).", ge=1)
-    batch_size: int = field(1, "Images per micro-batch.", ge=1)
+    batch_size: int = field(1, "Images per micro-batch (per process).", ge=1)
     grad_accum: int = field(1, "Micro-batches per optimizer step.", ge=1)
     mixed_precision: Literal["bf16", "fp16", "no"] = field("bf16", "Autocast precision (fp16 uses a grad scaler).")
     grad_clip: float = field(1.0, "Max gradient norm (0 disables clipping).", ge=0)
+    cpu: bool = field(False, "Train on the CPU even when a GPU is available.", advanced=True)
     loss_weighting: LossWeighting = Field(default_factory=LossWeighting, json_schema_extra=ui("loss"))
     noise: NoiseOptions = Field(default_factory=NoiseOptions, json_schema_extra=ui("train", advanced=True))
 
@@ -104,13 +90,31 @@ class SampleSection(StrictModel):
     shift: float = field(3.0, "Flow-matching sigma shift (ComfyUI's Anima default is 3).", gt=0)
     width: int = field(1024, "Image width (multiple of 16).", ge=16, multiple_of=16)
     height: int = field(1024, "Image height (multiple of 16).", ge=16, multiple_of=16)
-    seed: int = field(0, "Seed of the preview images.")
+    seed: int = field(0, "Seed of the preview images (prompt i uses seed + i).")
+    every_n_steps: Optional[int] = field(None, "Preview every N optimizer steps.", ge=1)
+    every_n_epochs: Optional[int] = field(None, "Preview every N epochs.", ge=1)
+    baseline: bool = field(True, "Preview with the untrained adapter before the first step.")
 
 
 class OutputSection(StrictModel):
     ui_group = "output"
     dir: Path = field(Path("output"), "Folder for LoRA files, samples, state and logs.")
     name: str = field("anima_lora", "Base name of the saved LoRA files.", min_length=1)
+    save_dtype: Precision = field("bf16", "Dtype of the saved LoRA tensors.")
+    save_every_n_steps: Optional[int] = field(None, "Save the LoRA every N optimizer steps.", ge=1)
+    save_every_n_epochs: Optional[int] = field(1, "Save the LoRA every N epochs.", ge=1)
+    save_state_every_n_steps: Optional[int] = field(None, "Save the full training state every N steps.", ge=1)
+    save_state_every_n_epochs: Optional[int] = field(1, "Save the full training state every N epochs.", ge=1)
+    keep_states: int = field(2, "How many full states to keep (older ones are deleted; 0 keeps all).", ge=0,
+                             advanced=True)
+    export_diffusers: bool = field(False, "Also write diffusion_model.*.lora_A/B (alpha folded in) for diffusers.",
+                                   advanced=True)
+    cache_dir: Optional[Path] = field(None, "Latent cache folder (default: <dir>/cache).", advanced=True)
+    log_every: int = field(10, "Log a line / update monitor_state.json every N steps.", ge=1, advanced=True)
+    tensorboard: bool = field(True, "Write TensorBoard scalars to <dir>/tensorboard (if tensorboard is "
+                                    "installed).", advanced=True)
+    wandb_project: Optional[str] = field(None, "Log to this Weights & Biases project (needs wandb; also read "
+                                               "from WANDB_PROJECT).", advanced=True)
 
 
 class TrainingConfig(StrictModel):

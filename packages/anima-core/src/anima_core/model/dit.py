@@ -126,6 +126,8 @@ class AnimaDiT(nn.Module):
     def set_attention_backend(self, backend: str) -> None:
         """``sdpa`` (torch SDPA, default), ``flash`` or ``xformers`` through diffusers' attention dispatch."""
         name = {"sdpa": "native", "flash": "flash", "xformers": "xformers"}[backend]
+        if name == "native":
+            return  # diffusers' default dispatch already is torch SDPA (and setting it logs an "experimental" note)
         for module in (self.transformer, self.text_conditioner):
             module.set_attention_backend(name)
 

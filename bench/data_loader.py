@@ -1,0 +1,126 @@
+"""Data pipeline benchmark on the tiny model set, both figures from one run:
+
+(a) loader wait: time the training loop spends waiting for ``TrainingData.batches`` as a fraction of the step time,
+    where a step is a forward + backward of the tiny DiT on the batch (goal < 2 %);
+(b) epoch time with the latent cache filled vs empty: build_training_data (scan, encode what is missing) plus one
+    pass over the batches. The "cached" run clears the in-process scan memo first, so it pays what a new process
+    pays: every image is still decoded once by the scan (goal >= 3x faster).
+
+    python bench/data_loader.py [--images 64 --size 128 --batch 4 --epochs 3] [--from-disk]
+
+``--from-disk`` sets the in-memory latent budget to 0, so every batch reads its cache files (on the reader thread),
+as for a dataset larger than the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def write_dataset(root: Path, n: int, size: int) -> Path:
+    rng = np.random.default_rng(0)
+    shapes = [(size, size), (size * 3 // 2, size), (size, size * 3 // 2), (size * 2, size)]
+    for i in range(n):
+        w, h = shapes[i % len(shapes)]
+        # smooth noise (upsampled) so PNG decoding costs what a photo-like image costs, not a flat colour's
+        small = rng.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).save(root / f"img_{i:04d}.png")
+        (root / f"img_{i:04d}.txt").write_text(f"tag{i % 7}, red, circle, {'large' if i % 2 else 'small'}")
+    return root
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--from-disk", action="store_true")
+    args = ap.parse_args()
+
+    from anima_core.data import DatasetSection, build_training_data
+    from anima_core.data import images as data_images
+    from anima_core.data import loader
+    from anima_core.model.dit import load_transformer
+    from anima_core.model.vae import load_vae
+    from anima_core.testing.tiny import write_tiny_model_set
+
+    torch.manual_seed(0)
+    if args.from_disk:
+        loader.RAM_BUDGET_BYTES = 0
+    root = Path(tempfile.mkdtemp(prefix="anima-bench-data-"))
+    tiny = write_tiny_model_set(root / "tiny")
+    data_dir = root / "data"
+    data_dir.mkdir()
+    write_dataset(data_dir, args.images, args.size)
+    section = DatasetSection(path=data_dir, resolution=[args.size], bucket_step=16, shuffle_caption=True,
+                             flip_aug=True)
+    vae = load_vae(tiny.vae)
+    cache = root / "cache"
+
+    def epoch_time(label: str) -> float:
+        data_images._probe_memo.clear()  # as a fresh process would start
+        t0 = time.perf_counter()
+        data = build_training_data(section, seed=0, batch_size=args.batch, cache_dir=cache, vae=vae, progress=False)
+        for _ in data.batches(0):
+            pass
+        elapsed = time.perf_counter() - t0
+        print(f"  {label:<9} {elapsed:7.3f} s  (encoded {data.encoded}, reused {data.reused})")
+        return elapsed
+
+    print(f"{args.images} images around {args.size} px, batch {args.batch}, flip_aug on, "
+          f"{torch.get_num_threads()} torch threads, latents {'from disk' if args.from_disk else 'in memory'}")
+    print("(b) epoch time, build + one pass over the batches:")
+    uncached = epoch_time("uncached")
+    cached = epoch_time("cached")
+
+    dit = load_transformer(tiny.transformer)
+    dit.requires_grad_(True).train()
+    data = build_training_data(section, seed=0, batch_size=args.batch, cache_dir=cache, vae=None, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    qwen_dim = tiny.adapter_config["source_dim"]
+
+    def step(latents: torch.Tensor) -> None:
+        b = latents.shape[0]
+        hidden = torch.randn(b, 12, qwen_dim, generator=gen)
+        ids = torch.randint(0, 100, (b, 8), generator=gen)
+        ones = torch.ones(b, 8, dtype=torch.long)
+        context = dit.condition(hidden, torch.ones(b, 12, dtype=torch.long), ids, ones, ones.float())
+        t = torch.rand(b, generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        tb = t.view(-1, 1, 1, 1, 1)
+        loss = (dit((1 - tb) * latents + tb * noise, t, context) - (noise - latents)).pow(2).mean()
+        loss.backward()
+        dit.zero_grad(set_to_none=True)
+
+    for batch in data.batches(99):  # warm up kernels and allocator on every bucket shape
+        step(batch.latents)
+    wait = work = 0.0
+    n = 0
+    for e in range(args.epochs):
+        it = data.batches(e)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            t1 = time.perf_counter()
+            if batch is None:
+                break
+            step(batch.latents)
+            wait += t1 - t0
+            work += time.perf_counter() - t1
+            n += 1
+    print(f"(a) loader wait over {n} steps: {1e3 * wait / n:.3f} ms per batch vs step {1e3 * work / n:.2f} ms")
+    print()
+    print(f"loader wait / step time   = {100 * wait / work:6.2f} %   (goal < 2 %)")
+    print(f"uncached / cached epoch   = {uncached / cached:6.2f} x   (goal >= 3 x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Saving LoRA files and full states from the loop (rank 0 writes; every rank waits for it)."""
+
+from __future__ import annotations
+
+from anima_core.training import outputs, state as state_files
+from anima_core.training.context import TrainingContext
+from anima_core.training.sampling import eval_mode
+
+
+def save_checkpoint(ctx: TrainingContext, *, lora_name: str | None, state: bool) -> None:
+    boot, prog = ctx.bootstrap, ctx.progress
+    if boot.is_main:
+        with eval_mode(ctx):  # schedule-free optimizers save their averaged weights
+            if lora_name is not None:
+                prog.last_lora = outputs.save_lora(ctx, lora_name)
+            if state:
+                prog.last_state = _save_state(ctx)
+    boot.accelerator.wait_for_everyone()
+
+
+def _save_state(ctx: TrainingContext):
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    boot, opt, prog, cfg = ctx.bootstrap, ctx.optimization, ctx.progress, ctx.config
+    with tempfile.TemporaryDirectory(dir=boot.output_dir) as tmp:
+        adapter_file = Path(tmp) / "adapter.safetensors"
+        ctx.models.adapter.save(adapter_file, {})  # the adapter's own format, full precision
+        tensors = load_file(str(adapter_file))
+    scaler = boot.accelerator.scaler
+    optim = {
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "timestep_sampler": opt.timestep_sampler.state_dict() if hasattr(opt.timestep_sampler, "state_dict")
+        else None,
+    }
+    info = {"global_step": prog.global_step, "epoch": prog.epoch, "batch_in_epoch": prog.batch_in_epoch,
+            "loss_history": prog.loss_history[-10_000:], "config": cfg.model_dump(mode="json")}
+    return state_files.save_state(boot.state_root, step=prog.global_step, adapter_tensors=tensors, optim=optim, info=info,
+                            keep=cfg.output.keep_states)

@@ -1,0 +1,82 @@
+"""LoRA files as ComfyUI, sd-scripts and AnimaLoraStudio read them: ``lora_unet_<original path>`` keys with
+kohya ``ss_*`` and ``modelspec.*`` metadata; optionally a diffusers/PEFT copy."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def lora_metadata(config, *, steps: int, epoch: int, adapter_name: str) -> dict[str, str]:
+    a = config.adapter
+    dataset = config.dataset
+    meta = {
+        "ss_network_module": "networks.lora" if adapter_name == "lora" else f"anima.{adapter_name}",
+        "ss_network_dim": str(getattr(a, "rank", "")),
+        "ss_network_alpha": str(getattr(a, "alpha", "")),
+        "ss_network_args": json.dumps(a.model_dump(mode="json", exclude={"type"})),
+        "ss_steps": str(steps),
+        "ss_epoch": str(epoch),
+        "ss_resolution": json.dumps(dataset.resolution),
+        "ss_base_model_version": "anima",
+        "ss_learning_rate": str(config.optimizer.lr),
+        "ss_optimizer": config.optimizer.type,
+        "ss_lr_scheduler": config.lr_scheduler.type,
+        "ss_timestep_sampling": config.timestep_sampler.type,
+        "ss_loss_type": config.loss.type,
+        "ss_batch_size_per_device": str(config.train.batch_size),
+        "ss_gradient_accumulation_steps": str(config.train.grad_accum),
+        "ss_mixed_precision": config.train.mixed_precision,
+        "ss_seed": str(config.train.seed),
+        "ss_training_finished_at": str(int(time.time())),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"anima/{adapter_name}",
+        "modelspec.implementation": "anima",
+        "modelspec.title": config.output.name,
+        "modelspec.resolution": f"{dataset.resolution[0]}x{dataset.resolution[0]}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "anima_adapter": adapter_name,
+        "anima_config": json.dumps(config.model_dump(mode="json"), default=str),
+    }
+    return meta
+
+
+def diffusers_export(tensors: dict[str, torch.Tensor], original_paths: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``lora_unet_*`` down/up/alpha → ``diffusion_model.<original>.lora_A/B`` with alpha/rank folded into B
+    (diffusers' Anima loader rejects files carrying alpha keys)."""
+    from anima_core.model.names import original_path_from_comfy_lora_name
+
+    out: dict[str, torch.Tensor] = {}
+    for key in [k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight")]:
+        original = original_path_from_comfy_lora_name(key, original_paths)
+        if original is None:
+            continue
+        down, up = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"]
+        scale = float(tensors[f"{key}.alpha"]) / down.shape[0] if f"{key}.alpha" in tensors else 1.0
+        out[f"diffusion_model.{original}.lora_A.weight"] = down
+        out[f"diffusion_model.{original}.lora_B.weight"] = (up.float() * scale).to(up.dtype)
+    return out
+
+
+def save_lora(ctx: Any, name: str) -> Path:
+    """Write ``<output>/<name>.safetensors`` (rank 0), atomically, with metadata; returns the path."""
+    from anima_core.lora import save_file
+    from anima_core.model.lora_files import original_paths
+
+    cfg = ctx.config
+    path = ctx.bootstrap.output_dir / f"{name}.safetensors"
+    adapter = ctx.models.adapter
+    meta = lora_metadata(cfg, steps=ctx.progress.global_step, epoch=ctx.progress.epoch, adapter_name=cfg.adapter.type)
+    adapter.save(path, meta, dtype=SAVE_DTYPES[cfg.output.save_dtype])
+    if cfg.output.export_diffusers:
+        from safetensors.torch import load_file
+
+        exported = diffusers_export(load_file(str(path)), original_paths(ctx.models.dit))
+        save_file(exported, ctx.bootstrap.output_dir / f"{name}.diffusers.safetensors", meta)
+    return path

@@ -1,0 +1,203 @@
+"""loop: rectified-flow training. Per micro-batch: timestep plugin ``sample`` → noise → forward → loss plugin
+``compute`` → reg-set weight → loss weighting → adapter regularisation → backward (the timestep plugin ``record``s
+the raw per-sample MSE). At a group end: average gradients across processes, skip non-finite, clip, optimizer
+step, scheduler step (not for schedule-free optimizers), ``maybe_refresh``; then periodic saves and previews.
+
+Every optimizer step reseeds the random generators from (seed, rank, step), so a resumed run draws exactly what
+an uninterrupted one draws.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from anima_core.objective.loss_weighting import broadcast_to, loss_weight
+from anima_core.objective.noise import make_noise
+from anima_core.protocols import StepContext, call_optional
+from anima_core.training import sampling
+from anima_core.training.checkpointing import save_checkpoint
+from anima_core.training.context import TrainingContext
+from anima_core.training.phases.bootstrap import derived_seed, seed_everything
+
+
+def _reduce_gradients(ctx: TrainingContext) -> None:
+    acc = ctx.bootstrap.accelerator
+    if acc.num_processes == 1:
+        return
+    params = ctx.optimization.params
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    flat = acc.reduce(flat, reduction="mean")
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def _grads_finite(params: list[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return bool(grads) and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def _micro_batch(ctx: TrainingContext, batch, generator: torch.Generator, group_size: int) -> float:
+    cfg, boot, mods, opt = ctx.config, ctx.bootstrap, ctx.models, ctx.optimization
+    device = boot.device
+    x0 = batch.latents.to(device, torch.float32)
+    b = x0.shape[0]
+    t = opt.timestep_sampler.sample(b, generator=generator).to(device, torch.float32)
+    step_ctx = StepContext(ctx.progress.global_step, opt.total_steps, ctx.progress.epoch, t, cfg)
+    call_optional(mods.adapter, "on_step_begin", step_ctx)
+    n = cfg.train.noise
+    noise = make_noise(x0, n.type, offset=n.offset, pyramid_iterations=n.pyramid_iterations,
+                       pyramid_discount=n.pyramid_discount, generator=generator)
+    tb = broadcast_to(t, x0)
+    noisy = (1.0 - tb) * x0 + tb * noise
+    target = noise - x0
+    if batch.text is not None:  # text-encoder cache
+        text, qwen_hidden = batch.text.text.to(device), batch.text.qwen_hidden.to(device, mods.dtype)
+    else:
+        text = mods.text.tokenize(batch.captions).to(device)
+        qwen_hidden = mods.text.encode_qwen(text).to(mods.dtype)
+    with boot.accelerator.autocast():
+        pred = mods.train_module(noisy.to(mods.dtype), t, qwen_hidden, text)
+    pred, target = pred.float(), target.float()
+    reduce_dims = tuple(range(1, pred.dim()))
+    with torch.no_grad():
+        raw_mse = (pred - target).pow(2).mean(dim=reduce_dims)
+        keep = ~batch.is_reg.to(device)
+        if keep.any() and hasattr(opt.timestep_sampler, "record"):
+            opt.timestep_sampler.record(t[keep].detach().cpu(), raw_mse[keep].detach().cpu())
+    per_sample = opt.loss.compute(pred, target, t).mean(dim=reduce_dims)
+    lw = cfg.train.loss_weighting
+    weights = batch.loss_weight.to(device) * loss_weight(
+        t, lw.scheme, min_snr_gamma=lw.min_snr_gamma, detail_inv_t_min=lw.detail_inv_t_min,
+        detail_inv_t_max=lw.detail_inv_t_max, cap_ratio=lw.cap_ratio)
+    loss = (per_sample * weights).mean()
+    reg = call_optional(mods.adapter, "regularization_loss", step_ctx)
+    if reg is not None:
+        loss = loss + reg
+    if not torch.isfinite(loss):
+        ctx.progress.skipped_nonfinite += 1  # skip only this micro-batch; the group's other grads stay
+        return float("nan")
+    boot.accelerator.backward(loss / group_size)
+    return float(loss.detach())
+
+
+def _optimizer_step(ctx: TrainingContext) -> bool:
+    cfg, boot, opt = ctx.config, ctx.bootstrap, ctx.optimization
+    _reduce_gradients(ctx)
+    if boot.accelerator.scaler is None and not _grads_finite(opt.params):
+        opt.optimizer.zero_grad(set_to_none=True)
+        boot.monitor.note(f"warning: non-finite gradients at step {ctx.progress.global_step + 1}: step skipped")
+        return False
+    if cfg.train.grad_clip > 0:
+        boot.accelerator.clip_grad_norm_(opt.params, cfg.train.grad_clip)
+    opt.optimizer.step()
+    skipped = getattr(opt.optimizer, "step_was_skipped", False)  # fp16 scaler found inf/nan
+    opt.optimizer.zero_grad(set_to_none=True)
+    if skipped:
+        return False
+    if "schedule_free" not in opt.capabilities:
+        opt.scheduler.step()
+    return True
+
+
+def _check_ranks_in_sync(ctx: TrainingContext) -> None:
+    """With ANIMA_CHECK_RANK_SYNC=1: every process compares its adapter weights with rank 0's after each step
+    (a diagnostic for multi-process runs; it costs one all-gather per step)."""
+    acc = ctx.bootstrap.accelerator
+    flat = torch.cat([p.detach().float().flatten() for p in ctx.optimization.params]).to(acc.device)
+    gathered = acc.gather(flat.unsqueeze(0))
+    if not all(torch.equal(gathered[0], row) for row in gathered[1:]):
+        raise RuntimeError(f"adapter weights differ between processes after step {ctx.progress.global_step}")
+    ctx.progress.rank_checks += 1
+
+
+def _stop_requested(ctx: TrainingContext) -> bool:
+    acc = ctx.bootstrap.accelerator
+    flag = torch.tensor([1.0 if ctx.bootstrap.stop.requested else 0.0], device=acc.device)
+    if acc.num_processes > 1:
+        flag = acc.reduce(flag, reduction="sum")
+    return bool(flag.item() > 0)
+
+
+def _after_step(ctx: TrainingContext) -> None:
+    cfg, prog = ctx.config, ctx.progress
+    step = prog.global_step
+    out, s = cfg.output, cfg.sample
+    if s.prompts and s.every_n_steps and step % s.every_n_steps == 0 and ctx.bootstrap.is_main:
+        sampling.render(ctx, [s.prompts[(step // s.every_n_steps) % len(s.prompts)]], f"step_{step}")
+    lora = bool(out.save_every_n_steps and step % out.save_every_n_steps == 0)
+    state = bool(out.save_state_every_n_steps and step % out.save_state_every_n_steps == 0)
+    if lora or state:
+        save_checkpoint(ctx, lora_name=f"{out.name}_step{step:06d}" if lora else None, state=state)
+
+
+def _after_epoch(ctx: TrainingContext) -> None:
+    cfg, prog = ctx.config, ctx.progress
+    epoch = prog.epoch  # epochs completed
+    out, s = cfg.output, cfg.sample
+    if s.prompts and s.every_n_epochs and epoch % s.every_n_epochs == 0 and ctx.bootstrap.is_main:
+        sampling.render(ctx, [s.prompts[(epoch // s.every_n_epochs) % len(s.prompts)]], f"epoch_{epoch}")
+    lora = bool(out.save_every_n_epochs and epoch % out.save_every_n_epochs == 0)
+    state = bool(out.save_state_every_n_epochs and epoch % out.save_state_every_n_epochs == 0)
+    if lora or state:
+        save_checkpoint(ctx, lora_name=f"{out.name}_epoch{epoch:04d}" if lora else None, state=state)
+
+
+def run(ctx: TrainingContext) -> None:
+    cfg, boot, opt, prog = ctx.config, ctx.bootstrap, ctx.optimization, ctx.progress
+    data = ctx.dataset.data
+    accum = cfg.train.grad_accum
+    rank = boot.accelerator.process_index
+    check_sync = os.environ.get("ANIMA_CHECK_RANK_SYNC") == "1" and boot.accelerator.num_processes > 1
+    while prog.epoch < opt.epochs and prog.global_step < opt.total_steps:
+        n_batches = len(data)
+        losses: list[float] = []
+        generator = torch.Generator()
+        for index, batch in enumerate(data.batches(prog.epoch, start=prog.batch_in_epoch), prog.batch_in_epoch):
+            group_start = index - index % accum
+            group_size = min(accum, n_batches - group_start)  # the epoch's tail group still steps
+            if index == group_start:
+                step_seed = derived_seed(cfg.train.seed, rank, prog.global_step)
+                seed_everything(step_seed)
+                generator.manual_seed(step_seed)
+                losses = []
+            losses.append(_micro_batch(ctx, batch, generator, group_size))
+            if index + 1 < group_start + group_size:
+                continue
+            stepped = _optimizer_step(ctx)
+            prog.batch_in_epoch = index + 1
+            if stepped:
+                prog.global_step += 1
+                call_optional(opt.timestep_sampler, "maybe_refresh", prog.global_step)
+                if check_sync:
+                    _check_ranks_in_sync(ctx)
+                finite = [v for v in losses if math.isfinite(v)]
+                mean = sum(finite) / len(finite) if finite else float("nan")
+                if math.isfinite(mean):
+                    prog.loss_history.append((prog.global_step, mean))
+                status = call_optional(opt.timestep_sampler, "status", default={}) or {}
+                extra = {f"timestep_sampler/{k}": float(v) for k, v in status.items()
+                         if isinstance(v, (int, float, bool))}
+                boot.monitor.log_step(prog.global_step, prog.epoch, mean, opt.optimizer.param_groups[0]["lr"],
+                                      extra)
+                _after_step(ctx)
+            if _stop_requested(ctx):
+                ctx.interrupted = True
+                save_checkpoint(ctx, lora_name=f"{cfg.output.name}_interrupted", state=True)
+                return
+            if prog.global_step >= opt.total_steps:
+                break
+        else:
+            prog.epoch += 1
+            prog.batch_in_epoch = 0
+            _after_epoch(ctx)
+            continue
+        break  # max_steps reached mid-epoch
+    if check_sync:
+        boot.monitor.note(f"rank sync check: {boot.accelerator.num_processes} processes held identical adapter "
+                          f"weights after each of {prog.rank_checks} steps")
