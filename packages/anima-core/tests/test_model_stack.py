@@ -325,3 +325,50 @@ def _original_linear_paths(dit):
     from anima_core.model.lora_files import original_paths
 
     return list(original_paths(dit))
+
+
+def test_adaln_and_llm_adapter_targets_are_opt_in_and_round_trip(tiny, models, tmp_path):
+    from anima_core.builtins.adapters import LoRAOptions
+    from anima_core.lora import LoRAAdapter
+    from anima_core.model.lora_files import apply_lora_file
+    from anima_core.training.outputs import diffusers_export
+    from anima_core.model.lora_files import original_paths
+
+    default = LoRAAdapter(LoRAOptions())
+    default.inject(load_transformer(tiny.transformer))
+    assert not any("adaln" in k or "llm_adapter" in k for k in default.network.loras)
+
+    trained = load_transformer(tiny.transformer)
+    adapter = LoRAAdapter(LoRAOptions(rank=2, alpha=2.0, train_adaln=True, train_llm_adapter=True))
+    adapter.inject(trained)
+    keys = set(adapter.network.loras)
+    layers = tiny.adapter_config["num_layers"]
+    assert {f"lora_unet_blocks_0_adaln_modulation_{m}_{i}" for m in ("self_attn", "cross_attn", "mlp")
+            for i in (1, 2)} <= keys
+    assert {f"lora_unet_llm_adapter_blocks_{b}_{m}" for b in range(layers)
+            for m in ("self_attn_q_proj", "self_attn_o_proj", "cross_attn_k_proj", "mlp_0", "mlp_2")} <= keys
+    with torch.no_grad():
+        for mod in adapter.network.loras.values():
+            mod.lora_up.weight.normal_(std=0.2, generator=torch.Generator().manual_seed(3))
+    batch = models.text.tokenize(["1girl, smile"])
+    hidden = models.text.encode_qwen(batch)
+    x, sigma = torch.randn(1, 16, 1, 8, 8), torch.tensor([0.5])
+
+    def run(dit):
+        with torch.no_grad():
+            ctx = dit.condition(hidden, batch.qwen_mask, batch.t5_ids, batch.t5_mask, batch.t5_weights)
+            return dit(x, sigma, ctx)
+
+    expected = run(trained)
+    path = tmp_path / "full.safetensors"
+    adapter.save(path)
+    merged = load_transformer(tiny.transformer)
+    apply_lora_file(merged, path)
+    torch.testing.assert_close(run(merged), expected, atol=1e-5, rtol=1e-5)
+    # the diffusers/PEFT export (alpha folded into lora_B) applies identically
+    exported = tmp_path / "diffusers.safetensors"
+    save_file(diffusers_export(load_file(str(path)), original_paths(merged)), str(exported))
+    assert all(k.startswith("diffusion_model.") and "alpha" not in k for k in load_file(str(exported)))
+    other = load_transformer(tiny.transformer)
+    apply_lora_file(other, exported)
+    torch.testing.assert_close(run(other), expected, atol=1e-5, rtol=1e-5)

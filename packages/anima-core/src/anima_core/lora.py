@@ -162,9 +162,10 @@ class LoRAAdapter:
 
     def inject(self, model: nn.Module) -> None:
         o = self.options
-        found = select_linears(model, o.targets, o.exclude)
+        patterns = o.target_patterns() if hasattr(o, "target_patterns") else o.targets
+        found = select_linears(model, patterns, o.exclude)
         if not found:
-            raise ValueError(f"adapter.targets matched no nn.Linear module (targets: {o.targets})")
+            raise ValueError(f"adapter.targets matched no nn.Linear module (targets: {patterns})")
         # Models that know their original checkpoint names (the Anima DiT) get ComfyUI-loadable keys.
         namer = getattr(model, "original_module_name", None)
         for name, linear in found.items():

@@ -13,6 +13,13 @@ ANIMA_DEFAULT_TARGETS = [
     r"(.*\.)?transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
     r"(.*\.)?transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)",
 ]
+# Opt-in: the per-block AdaLN modulation Linears (adaln_modulation_* in the original names) ...
+ADALN_TARGETS = [r"(.*\.)?transformer_blocks\.\d+\.norm[123]\.linear_[12]"]
+# ... and the LLM adapter's attention and MLP Linears (llm_adapter.blocks.N.*; 60 on the real adapter).
+LLM_ADAPTER_TARGETS = [
+    r"(.*\.)?text_conditioner\.blocks\.\d+\.(self_attn|cross_attn)\.(q_proj|k_proj|v_proj|o_proj)",
+    r"(.*\.)?text_conditioner\.blocks\.\d+\.mlp\.(0|2)",
+]
 
 
 class LoRAOptions(AdapterOptions):
@@ -26,6 +33,13 @@ class LoRAOptions(AdapterOptions):
     targets: list[str] = field(ANIMA_DEFAULT_TARGETS, "Regexes (full match) of the Linear modules to adapt.",
                                advanced=True, min_length=1)
     exclude: list[str] = field([], "Regexes of modules never adapted.", advanced=True)
+    train_adaln: bool = field(False, "Also adapt the AdaLN modulation Linears of every block.", advanced=True)
+    train_llm_adapter: bool = field(False, "Also adapt the LLM adapter (much of Anima's style and character "
+                                           "knowledge lives there; sd-scripts suggests a lower lr).", advanced=True)
+
+    def target_patterns(self) -> list[str]:
+        return [*self.targets, *(ADALN_TARGETS if self.train_adaln else []),
+                *(LLM_ADAPTER_TARGETS if self.train_llm_adapter else [])]
 
 
 def _build(options: LoRAOptions):
