@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from anima_core.testing.datasets import write_shapes_dataset
 from anima_core.testing.tiny import write_tiny_model_set
+from anima_core.testing.training import fixed_eval_loss, tiny_train_config
 from anima_core.training.api import train
 
 pytestmark = pytest.mark.slow
@@ -31,22 +32,7 @@ def images(tmp_path_factory):
     return write_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", n=4)
 
 
-def config(tiny, images, out, **sections):
-    cfg = {
-        "model": {"transformer": str(tiny.transformer), "text_encoder": str(tiny.text_encoder),
-                  "vae": str(tiny.vae), "qwen_tokenizer": str(tiny.qwen_tokenizer),
-                  "t5_tokenizer": str(tiny.t5_tokenizer), "dtype": "fp32", "gradient_checkpointing": False},
-        "dataset": {"path": str(images), "resolution": [64]},
-        "adapter": {"type": "lora", "rank": 4, "alpha": 4.0},
-        "optimizer": {"type": "adamw", "lr": 2e-3, "weight_decay": 0.0},
-        "train": {"max_steps": 6, "batch_size": 2, "mixed_precision": "no", "seed": 3},
-        "sample": {"width": 64, "height": 64, "steps": 2, "baseline": False},
-        "output": {"dir": str(out), "tensorboard": False, "save_every_n_epochs": None,
-                   "save_state_every_n_epochs": None, "log_every": 1},
-    }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    return cfg
+config = tiny_train_config
 
 
 def adapter_tensors(state_dir: Path) -> dict:
@@ -75,36 +61,11 @@ def test_lora_file_keys_alpha_and_metadata(tiny, images, tmp_path):
     assert (tmp_path / "out" / "samples" / "vae_roundtrip.png").exists()
 
 
-def _fixed_eval_loss(tiny, images, lora_path=None) -> float:
-    """Velocity MSE of the model (with a LoRA file merged, if given) on the training images at a fixed grid of t
-    and fixed noise: a loss that changes only with the weights."""
-    from anima_core.data import build_training_data
-    from anima_core.data.config import DatasetSection
-    from anima_core.model.models import AnimaModels
-
-    models = AnimaModels.load(tiny.transformer, tiny.text_encoder, tiny.vae, tiny.qwen_tokenizer, tiny.t5_tokenizer)
-    if lora_path is not None:
-        models.apply_lora(lora_path, 1.0)
-    data = build_training_data(DatasetSection(path=images, resolution=[64]), seed=0, batch_size=4,
-                               cache_dir=images.parent / "eval-cache", vae=models.vae, progress=False)
-    batch = next(iter(data.batches(0)))
-    g = torch.Generator().manual_seed(0)
-    total = 0.0
-    with torch.no_grad():
-        ctx = models.encode_prompts(batch.captions)
-        for t in (0.2, 0.4, 0.6, 0.8):
-            noise = torch.randn(batch.latents.shape, generator=g)
-            noisy = (1 - t) * batch.latents + t * noise
-            v = models.predict_velocity(noisy, torch.full((len(batch.captions),), t), ctx)
-            total += float((v - (noise - batch.latents)).pow(2).mean())
-    return total / 4
-
-
 def test_loss_falls_when_overfitting_four_images(tiny, images, tmp_path):
-    before = _fixed_eval_loss(tiny, images)
+    before = fixed_eval_loss(tiny, images)
     result = train(config(tiny, images, tmp_path / "out", train={"max_steps": 40, "batch_size": 4},
                           optimizer={"lr": 5e-3}, timestep_sampler={"type": "uniform"}))
-    after = _fixed_eval_loss(tiny, images, result.lora)
+    after = fixed_eval_loss(tiny, images, result.lora)
     assert after < 0.9 * before, (before, after)
 
 

@@ -1,4 +1,12 @@
-"""The module anima-core loads through this distribution's `anima_core.plugins` entry point.
+"""anima-optim-prodigy's plugin module (entry point ``anima_optim_prodigy``): registers its two optimizers.
+The option modules import no optimizer library; ``build`` does."""
 
-No variants yet: hook implementations (`@anima_core.hookimpl`) are added here as they are built.
-"""
+from anima_core import hookimpl
+from anima_optim_prodigy.prodigy import PRODIGY
+from anima_optim_prodigy.prodigy_plus_schedulefree import PRODIGY_PLUS_SCHEDULEFREE
+
+
+@hookimpl
+def anima_register_optimizers(register):
+    register(PRODIGY)
+    register(PRODIGY_PLUS_SCHEDULEFREE)

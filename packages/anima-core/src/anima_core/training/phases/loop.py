@@ -116,6 +116,17 @@ def _check_ranks_in_sync(ctx: TrainingContext) -> None:
     ctx.progress.rank_checks += 1
 
 
+def _optimizer_metrics(optimizer) -> dict[str, float]:
+    """Step-size estimates that adaptive optimizers keep in their param groups (Prodigy-style ``d``, and
+    ``effective_lr`` where the optimizer computes one): reported without core naming any optimizer."""
+    group = optimizer.param_groups[0]
+    if "d" not in group:
+        return {}
+    d = float(group["d"])
+    effective = float(group.get("effective_lr", group["lr"]))
+    return {"optimizer/d": d, "optimizer/effective_lr": d * effective}
+
+
 def _stop_requested(ctx: TrainingContext) -> bool:
     acc = ctx.bootstrap.accelerator
     flag = torch.tensor([1.0 if ctx.bootstrap.stop.requested else 0.0], device=acc.device)
@@ -183,6 +194,7 @@ def run(ctx: TrainingContext) -> None:
                 status = call_optional(opt.timestep_sampler, "status", default={}) or {}
                 extra = {f"timestep_sampler/{k}": float(v) for k, v in status.items()
                          if isinstance(v, (int, float, bool))}
+                extra.update(_optimizer_metrics(opt.optimizer))
                 boot.monitor.log_step(prog.global_step, prog.epoch, mean, opt.optimizer.param_groups[0]["lr"],
                                       extra)
                 _after_step(ctx)
