@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -54,7 +53,7 @@ def generate(
     missing = [f"--{k.replace('_', '-')}" for k in ("transformer", "text_encoder", "vae") if paths[k] is None]
     if missing:
         raise UserError(f"missing model paths: {', '.join(missing)} (or give --config with a model section)")
-    from anima_core.cli.progress import progress_bar
+    from anima_core.progress import progress_bar
     from anima_core.model.lora_files import parse_lora_arg
     from anima_core.model.models import AnimaModels, GenerationParams
 
@@ -71,20 +70,7 @@ def generate(
                               loras=[(str(p), s) for p, s in loras])
     with progress_bar("sampling", steps) as advance:
         image = models.generate(params, progress=lambda i, n: advance())
+    from anima_core.model.png import save_png
+
     save_png(image, output, params.as_metadata())
     typer.echo(f"wrote {output}")
-
-
-def save_png(image, path: Path, metadata: dict) -> None:
-    """PNG with the generation parameters in its text chunks (``parameters`` A1111-style, ``anima`` JSON)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from anima_core import atomic
-
-    info = PngInfo()
-    info.add_text("anima", json.dumps(metadata, sort_keys=True))
-    summary = (f"{metadata['prompt']}\nNegative prompt: {metadata['negative_prompt']}\nSteps: {metadata['steps']}, "
-               f"Sampler: {metadata['sampler']}, CFG scale: {metadata['cfg']}, Seed: {metadata['seed']}, "
-               f"Size: {metadata['width']}x{metadata['height']}, Shift: {metadata['shift']}")
-    info.add_text("parameters", summary)
-    atomic.write_with(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))

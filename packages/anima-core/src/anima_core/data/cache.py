@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterable, Optional
 import torch
 
 from anima_core import atomic
-from anima_core.cli.progress import progress_bar
+from anima_core.progress import progress_bar
 from anima_core.data.buckets import Size
 from anima_core.data.images import load_bucket_image, to_tensor
 from anima_core.errors import UserError

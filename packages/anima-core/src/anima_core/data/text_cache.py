@@ -104,7 +104,7 @@ def build_text_cache(captions: Iterable[str], encoder: TextEncoder, cache_dir: P
                       encoder.t5_pad_id)
     todo = sorted({c for c in captions if not cache.has(c)}, key=lambda c: (-len(c), c))
     if todo:
-        from anima_core.cli.progress import progress_bar
+        from anima_core.progress import progress_bar
 
         bar = progress_bar("caching text", len(todo)) if progress else contextlib.nullcontext(lambda: None)
         with bar as advance:

@@ -30,8 +30,8 @@ def eval_mode(ctx: TrainingContext) -> Iterator[None]:
 
 def render(ctx: TrainingContext, prompts: list[str], tag: str) -> list[Path]:
     """One PNG per prompt (prompt i uses seed + i); failures are warnings."""
-    from anima_core.cli.generate_cmd import save_png
     from anima_core.model.models import AnimaModels, GenerationParams
+    from anima_core.model.png import save_png
 
     cfg, boot = ctx.config, ctx.bootstrap
     s = cfg.sample
