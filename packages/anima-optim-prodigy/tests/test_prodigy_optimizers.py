@@ -56,7 +56,7 @@ def images(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["prodigy", "prodigy_plus_schedulefree"])
-def test_a_tiny_training_run_lowers_the_loss_and_reports_d(tiny, images, tmp_path, name):
+def test_a_tiny_training_run_lowers_the_loss_and_reports_d(tiny, images, tmp_path, name, capsys):
     import json
 
     before = fixed_eval_loss(tiny, images)
@@ -67,6 +67,7 @@ def test_a_tiny_training_run_lowers_the_loss_and_reports_d(tiny, images, tmp_pat
     metrics = json.loads((tmp_path / "out" / "monitor_state.json").read_text())["metrics"]
     assert metrics and metrics[-1]["optimizer/d"] > 1e-6  # d grew from d0
     assert metrics[-1]["optimizer/effective_lr"] > 0
+    assert " d " in capsys.readouterr().err  # and on the progress line
 
 
 def test_schedule_free_weights_are_swapped_for_saves_and_training_continues(tiny, images, tmp_path, monkeypatch):

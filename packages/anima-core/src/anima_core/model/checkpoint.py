@@ -115,6 +115,21 @@ def block_count(keys: Iterable[str], pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def load_strict(module, sd: dict[str, "torch.Tensor"], field: str, path: Path | str, rename=lambda k: k) -> None:
+    """``module.load_state_dict(sd, strict=True)``, but a mismatch is one :class:`CheckpointError` naming the file,
+    the counts and examples (by ``rename``d names, e.g. the original checkpoint names)."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(key_mismatch_message(field, path, missing, unexpected, rename))
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if v.shape != own[k].shape]
+    if wrong:
+        k, found, want = wrong[0]
+        raise CheckpointError(f"{field}: {path}: {len(wrong)} tensors have unexpected shapes (e.g. {rename(k)}: "
+                              f"expected {want}, found {found})")
+    module.load_state_dict(sd, strict=True)
+
+
 def key_mismatch_message(field: str, path: Path | str, missing: list[str], unexpected: list[str],
                          rename=lambda k: k) -> str:
     parts = []

@@ -20,8 +20,8 @@ from anima_core.model.checkpoint import (
     CheckpointError,
     block_count,
     describe_component,
-    key_mismatch_message,
     load_safetensors,
+    load_strict,
     strip_prefix,
 )
 
@@ -138,20 +138,6 @@ def _build(dit_config: dict[str, Any], adapter_config: dict[str, Any]) -> AnimaD
     return AnimaDiT(CosmosTransformer3DModel(**dit_config), AnimaTextConditioner(**adapter_config))
 
 
-def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: Path, rename=lambda k: k) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(key_mismatch_message(FIELD, path, missing, unexpected, rename))
-    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if v.shape != own[k].shape]
-    if wrong:
-        k, found, want = wrong[0]
-        raise CheckpointError(f"{FIELD}: {path}: {len(wrong)} tensors have unexpected shapes (e.g. {rename(k)}: "
-                              f"expected {want}, found {found})")
-    module.load_state_dict(sd, strict=True)
-
-
 def load_single_file(path: Path | str) -> AnimaDiT:
     """The official single file: DiT + ``llm_adapter.*``, prefix ``net.``, ``model.diffusion_model.`` or none."""
     from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
@@ -170,8 +156,8 @@ def load_single_file(path: Path | str) -> AnimaDiT:
     dit_sd = {k: v for k, v in sd.items() if not k.startswith(ADAPTER_PREFIX)}
     model = _build(infer_dit_config(dit_sd), infer_adapter_config(adapter_sd))
     converted = convert_cosmos_transformer_checkpoint_to_diffusers(dict(dit_sd))  # drops known buffers
-    _load_strict(model.transformer, converted, path, names.dit_to_original)
-    _load_strict(model.text_conditioner, adapter_sd, path, names.adapter_to_original)
+    load_strict(model.transformer, converted, FIELD, path, names.dit_to_original)
+    load_strict(model.text_conditioner, adapter_sd, FIELD, path, names.adapter_to_original)
     return model
 
 

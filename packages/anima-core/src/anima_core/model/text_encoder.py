@@ -15,7 +15,13 @@ from typing import Any, Sequence
 import torch
 
 from anima_core.errors import UserError
-from anima_core.model.checkpoint import CheckpointError, block_count, describe_component, load_safetensors
+from anima_core.model.checkpoint import (
+    CheckpointError,
+    block_count,
+    describe_component,
+    load_safetensors,
+    load_strict,
+)
 from anima_core.model.prompt import parse_weighted
 
 FIELD = "model.text_encoder"
@@ -64,13 +70,7 @@ def load_qwen3(path: Path | str) -> torch.nn.Module:
         if "embed_tokens.weight" not in sd or "layers.0.self_attn.q_norm.weight" not in sd:
             raise CheckpointError(f"{FIELD}: expected {EXPECTED}, found {describe_component(raw)} in {path}")
         model = Qwen3Model(Qwen3Config(**qwen3_config_from_shapes(sd)))
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        if missing or unexpected:
-            from anima_core.model.checkpoint import key_mismatch_message
-
-            raise CheckpointError(key_mismatch_message(FIELD, path, missing, unexpected))
-        model.load_state_dict(sd, strict=True)
+        load_strict(model, sd, FIELD, path)
     model.requires_grad_(False)
     return model.eval()
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anima_core.model.checkpoint import CheckpointError, describe_component, key_mismatch_message, load_safetensors
+from anima_core.model.checkpoint import CheckpointError, describe_component, load_safetensors, load_strict
 
 FIELD = "model.vae"
 EXPECTED = "the Qwen-Image VAE (e.g. qwen_image_vae.safetensors, Wan2.1 key layout)"
@@ -92,10 +92,6 @@ def load_vae(path: Path | str) -> AnimaVAE:
             raise CheckpointError(f"{FIELD}: {path} looks like a VAE but lacks {exc} (truncated or another "
                                   f"architecture?)") from None
         vae = AutoencoderKLQwenImage(**config)
-        own = vae.state_dict()
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise CheckpointError(key_mismatch_message(FIELD, path, missing, unexpected))
-        vae.load_state_dict(sd, strict=True)
+        load_strict(vae, sd, FIELD, path)
     vae.requires_grad_(False)
     return AnimaVAE(vae.eval())

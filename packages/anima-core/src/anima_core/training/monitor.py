@@ -144,8 +144,10 @@ class Monitor:
         if clean:
             self._append("metrics", {"step": step, **clean})
         self.state.update(step=step, epoch=epoch, speed=self._speed)
-        info = (f"loss {self.loss_ema:.4f} lr {lr:.3g} epoch {epoch + 1}"
-                + (f" {self._speed:.2f} it/s" if self._speed else ""))
+        info = (f"loss {self.loss_ema:.4f} lr {lr:.3g}"
+                + (f" d {clean['optimizer/d']:.3g} eff_lr {clean['optimizer/effective_lr']:.3g}"
+                   if "optimizer/d" in clean else "")
+                + f" epoch {epoch + 1}" + (f" {self._speed:.2f} it/s" if self._speed else ""))
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         elif step % self.log_every == 0 or step == self.state["total_steps"]:

@@ -135,28 +135,28 @@ def _stop_requested(ctx: TrainingContext) -> bool:
     return bool(flag.item() > 0)
 
 
-def _after_step(ctx: TrainingContext) -> None:
-    cfg, prog = ctx.config, ctx.progress
-    step = prog.global_step
-    out, s = cfg.output, cfg.sample
-    if s.prompts and s.every_n_steps and step % s.every_n_steps == 0 and ctx.bootstrap.is_main:
-        sampling.render(ctx, [s.prompts[(step // s.every_n_steps) % len(s.prompts)]], f"step_{step}")
-    lora = bool(out.save_every_n_steps and step % out.save_every_n_steps == 0)
-    state = bool(out.save_state_every_n_steps and step % out.save_state_every_n_steps == 0)
+def _periodic(ctx: TrainingContext, count: int, label: str, *, sample_every, lora_every, state_every) -> None:
+    """Previews and saves due after ``count`` steps or epochs (``label`` names the files, e.g. step000120)."""
+    cfg = ctx.config
+    prompts = cfg.sample.prompts
+    if prompts and sample_every and count % sample_every == 0 and ctx.bootstrap.is_main:
+        sampling.render(ctx, [prompts[(count // sample_every) % len(prompts)]], label)
+    lora = bool(lora_every and count % lora_every == 0)
+    state = bool(state_every and count % state_every == 0)
     if lora or state:
-        save_checkpoint(ctx, lora_name=f"{out.name}_step{step:06d}" if lora else None, state=state)
+        save_checkpoint(ctx, lora_name=f"{cfg.output.name}_{label}" if lora else None, state=state)
+
+
+def _after_step(ctx: TrainingContext) -> None:
+    out, step = ctx.config.output, ctx.progress.global_step
+    _periodic(ctx, step, f"step{step:06d}", sample_every=ctx.config.sample.every_n_steps,
+              lora_every=out.save_every_n_steps, state_every=out.save_state_every_n_steps)
 
 
 def _after_epoch(ctx: TrainingContext) -> None:
-    cfg, prog = ctx.config, ctx.progress
-    epoch = prog.epoch  # epochs completed
-    out, s = cfg.output, cfg.sample
-    if s.prompts and s.every_n_epochs and epoch % s.every_n_epochs == 0 and ctx.bootstrap.is_main:
-        sampling.render(ctx, [s.prompts[(epoch // s.every_n_epochs) % len(s.prompts)]], f"epoch_{epoch}")
-    lora = bool(out.save_every_n_epochs and epoch % out.save_every_n_epochs == 0)
-    state = bool(out.save_state_every_n_epochs and epoch % out.save_state_every_n_epochs == 0)
-    if lora or state:
-        save_checkpoint(ctx, lora_name=f"{out.name}_epoch{epoch:04d}" if lora else None, state=state)
+    out, epoch = ctx.config.output, ctx.progress.epoch  # epochs completed
+    _periodic(ctx, epoch, f"epoch{epoch:04d}", sample_every=ctx.config.sample.every_n_epochs,
+              lora_every=out.save_every_n_epochs, state_every=out.save_state_every_n_epochs)
 
 
 def run(ctx: TrainingContext) -> None:
