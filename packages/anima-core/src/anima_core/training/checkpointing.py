@@ -19,16 +19,7 @@ def save_checkpoint(ctx: TrainingContext, *, lora_name: str | None, state: bool)
 
 
 def _save_state(ctx: TrainingContext):
-    import tempfile
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
     boot, opt, prog, cfg = ctx.bootstrap, ctx.optimization, ctx.progress, ctx.config
-    with tempfile.TemporaryDirectory(dir=boot.output_dir) as tmp:
-        adapter_file = Path(tmp) / "adapter.safetensors"
-        ctx.models.adapter.save(adapter_file, {})  # the adapter's own format, full precision
-        tensors = load_file(str(adapter_file))
     scaler = boot.accelerator.scaler
     optim = {
         "optimizer": opt.optimizer.state_dict(),
@@ -39,5 +30,7 @@ def _save_state(ctx: TrainingContext):
     }
     info = {"global_step": prog.global_step, "epoch": prog.epoch, "batch_in_epoch": prog.batch_in_epoch,
             "loss_history": prog.loss_history[-10_000:], "config": cfg.model_dump(mode="json")}
-    return state_files.save_state(boot.state_root, step=prog.global_step, adapter_tensors=tensors, optim=optim, info=info,
-                            keep=cfg.output.keep_states)
+    # the adapter's own format and precision, written straight into the state folder
+    return state_files.save_state(boot.state_root, step=prog.global_step,
+                                  write_adapter=lambda path: ctx.models.adapter.save(path, {}), optim=optim,
+                                  info=info, keep=cfg.output.keep_states)

@@ -161,6 +161,7 @@ class Monitor:
             self._wandb.log({k: v for k, v in scalars.items() if math.isfinite(v)}, step=step)
         if step % self.log_every == 0:
             self._write_state()
+        if step % (10 * self.log_every) == 0:  # the PNG costs ms to draw: less often than the JSON, and at close
             self._write_curve()
 
     def log_samples(self, paths: list[Path], step: int) -> None:

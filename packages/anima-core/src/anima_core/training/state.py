@@ -13,7 +13,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -57,18 +57,17 @@ def restore_rng(snapshot: dict[str, Any], torch_state: torch.Tensor | None, cuda
         torch.cuda.set_rng_state_all(cuda_states)
 
 
-def save_state(root: Path, *, step: int, adapter_tensors: dict[str, torch.Tensor], optim: dict[str, Any],
+def save_state(root: Path, *, step: int, write_adapter: Callable[[Path], None], optim: dict[str, Any],
                info: dict[str, Any], keep: int) -> Path:
-    """Write ``root/step_<N>`` atomically and prune to the newest ``keep`` states (0 keeps all)."""
-    from safetensors.torch import save_file
-
+    """Write ``root/step_<N>`` atomically and prune to the newest ``keep`` states (0 keeps all);
+    ``write_adapter(path)`` writes the adapter's safetensors file (in full precision)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in adapter_tensors.items()}, str(tmp / "adapter.safetensors"))
+    write_adapter(tmp / "adapter.safetensors")
     torch.save({**optim, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / "optim.pt")
