@@ -3,7 +3,7 @@
 from typing import Literal
 
 from anima_core import hookimpl
-from anima_core.options import OptimizerOptions, field
+from anima_core.options import AdapterOptions, OptimizerOptions, field
 from anima_core.specs import VariantSpec, error
 
 
@@ -82,3 +82,32 @@ class CommandPlugin:
         def hello() -> None:
             """Say hello from a plugin."""
             print("hello from a plugin command")
+
+
+class FakeDeltaOptions(AdapterOptions):
+    type: Literal["fake_delta"] = "fake_delta"
+
+
+class FakeDoubleOptions(AdapterOptions):
+    type: Literal["fake_double"] = "fake_double"
+
+
+def _stored_deltas(tensors, weights, factor):
+    """Files keyed ``<original path>.fake_delta`` hold ΔW whole; anything else is not this format (None)."""
+    found = {k[: -len(".fake_delta")]: v for k, v in tensors.items() if k.endswith(".fake_delta")}
+    if not found:
+        return None
+    return {path: factor * delta for path, delta in found.items() if path in weights}
+
+
+class FileDeltaAdapterPlugin:
+    """Two adapters that read the same made-up file format (``fake_double`` doubles it), for ``--lora``."""
+
+    @hookimpl
+    def anima_register_adapters(self, register):
+        register(VariantSpec(name="fake_delta", options=FakeDeltaOptions, build=lambda options: None,
+                             file_deltas=lambda tensors, meta, weights: _stored_deltas(tensors, weights, 1.0),
+                             description="reads .fake_delta files"))
+        register(VariantSpec(name="fake_double", options=FakeDoubleOptions, build=lambda options: None,
+                             file_deltas=lambda tensors, meta, weights: _stored_deltas(tensors, weights, 2.0),
+                             description="reads .fake_delta files, doubled"))

@@ -90,3 +90,34 @@ def test_generate_command_reports_missing_inputs_clearly(tiny, tmp_path, anima):
     assert "model.qwen_tokenizer is not set" in result.stderr and "Traceback" not in result.stderr
     bad = anima("generate", "--prompt", "x", "--width", "50", "-o", tmp_path / "y.png")
     assert bad.returncode == 2 and "multiples of 16" in bad.stderr
+
+
+def test_files_core_cannot_read_go_to_the_adapter_that_can(tiny, tmp_path, host_with):
+    from fake_plugins import FileDeltaAdapterPlugin
+    from safetensors.torch import save_file
+
+    from anima_core.errors import UserError
+
+    models = _load(tiny)
+    params = GenerationParams(prompt="1girl", width=32, height=32, steps=2, seed=1)
+    plain = models.generate(params)
+    q = models.dit.get_submodule("transformer.transformer_blocks.0.attn1.to_q")
+    before = q.weight.detach().clone()
+    delta = torch.randn(before.shape, generator=torch.Generator().manual_seed(0))
+    save_file({"blocks.0.self_attn.q_proj.fake_delta": delta}, str(tmp_path / "fake.safetensors"))
+    save_file({"blocks.0.self_attn.q_proj.fake_delta": delta}, str(tmp_path / "named.safetensors"),
+              metadata={"anima_adapter": "fake_double"})
+
+    host_with()  # core alone: nothing reads the format, one clear message
+    with pytest.raises(UserError, match=r"not a LoRA file anima can apply .*adapters that read other formats: none"):
+        models.apply_lora(tmp_path / "fake.safetensors")
+    assert torch.equal(q.weight, before)
+
+    host_with(("file_deltas", FileDeltaAdapterPlugin()))
+    applied = models.apply_lora(tmp_path / "fake.safetensors", 0.5)  # first reader in name order: fake_delta
+    torch.testing.assert_close(q.weight, before + 0.5 * delta)
+    assert not np.array_equal(_pixels(models.generate(params)), _pixels(plain))
+    applied.remove()
+    torch.testing.assert_close(q.weight, before)
+    models.apply_lora(tmp_path / "named.safetensors", 1.0)  # the file's metadata names its reader
+    torch.testing.assert_close(q.weight, before + 2.0 * delta)

@@ -1,4 +1,12 @@
-"""The module anima-core loads through this distribution's `anima_core.plugins` entry point.
+"""anima-adapters-lycoris' plugin module (entry point ``anima_adapters_lycoris``): registers ``lokr``, ``loha`` and
+``locon``. The option and spec modules import neither torch nor lycoris; ``build`` and ``file_deltas`` do."""
 
-No variants yet: hook implementations (`@anima_core.hookimpl`) are added here as they are built.
-"""
+from anima_adapters_lycoris.variants import LOCON, LOHA, LOKR
+from anima_core import hookimpl
+
+
+@hookimpl
+def anima_register_adapters(register):
+    register(LOKR)
+    register(LOHA)
+    register(LOCON)

@@ -37,7 +37,10 @@ def anima_register_adapters(register: Callable[[VariantSpec], None]) -> None:
     Call ``register(VariantSpec(name=..., options=..., build=...))`` once per variant. ``options`` subclasses
     :class:`anima_core.options.AdapterOptions`; ``build(options)`` returns an object satisfying
     :class:`anima_core.protocols.AdapterProtocol` (``inject``, ``get_param_groups``, ``save``, ``load``; optionally
-    ``on_step_begin``, ``regularization_loss``, ``excludes_weight_decay``).
+    ``on_step_begin``, ``regularization_loss``, ``excludes_weight_decay``). A variant whose saved files are not plain
+    LoRA (``lora_down``/``lora_up``/``alpha``) sets ``file_deltas`` on its spec so ``anima generate --lora`` can
+    apply them; core asks every installed adapter with ``file_deltas``, the one named by the file's
+    ``anima_adapter`` metadata first.
     """
 
 

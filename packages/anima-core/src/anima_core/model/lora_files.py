@@ -1,9 +1,13 @@
 """Applying LoRA files at inference: our own files and the forms ComfyUI loads for Anima
 (``lora_unet_<original path>`` with ``lora_down``/``lora_up``/``alpha``, and ``diffusion_model.<original path>``
-with ``lora_A``/``lora_B``). The delta is merged into the weights and can be removed again exactly."""
+with ``lora_A``/``lora_B``). The delta is merged into the weights and can be removed again exactly.
+
+Files in any other format (LoKr, LoHa, DoRA, ...) go to the installed adapter variants that declare
+``file_deltas`` on their spec; core knows none of those formats itself."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,8 +82,7 @@ def lora_deltas(tensors: dict[str, torch.Tensor], known: dict[str, str], source:
         scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
         deltas[known[original]] = (up.flatten(1) @ down.flatten(1)) * scale
     if unknown and not deltas:
-        raise UserError(f"--lora {source}: not a LoRA file anima can apply (keys such as {unknown[:2]}; LoKr/LoHa "
-                        f"need the anima-adapters-lycoris plugin)")
+        raise UserError(f"--lora {source}: not a LoRA file anima can apply (keys such as {unknown[:2]})")
     if unmatched and not deltas:
         raise UserError(f"--lora {source}: none of its {len(groups)} modules match this model (e.g. "
                         f"{unmatched[:2]}); is it a LoRA for Anima?")
@@ -106,8 +109,50 @@ class AppliedLoRA:
         self._apply(-1.0)
 
 
-def apply_lora_file(model: nn.Module, path: Path | str, strength: float = 1.0) -> AppliedLoRA:
-    tensors, _ = load_safetensors(path, "--lora", "a LoRA .safetensors file")
-    applied = AppliedLoRA(model, lora_deltas(tensors, original_paths(model), str(path)), strength)
+def is_plain_lora(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Every key is a down/up/alpha of some module: the form :func:`lora_deltas` reads without help."""
+    return bool(tensors) and all(_split(key) is not None for key in tensors)
+
+
+def plugin_deltas(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], known: dict[str, str],
+                  model: nn.Module, source: str, registry=None) -> dict[str, torch.Tensor]:
+    """ΔW per module path from the first installed adapter whose ``file_deltas`` reads the file (the variant the
+    file's ``anima_adapter`` metadata names is asked first)."""
+    if registry is None:
+        from anima_core.plugin_host import get_host
+
+        registry = get_host().registry
+    readers = [reg.spec for reg in registry.registrations("adapter") if reg.spec.file_deltas is not None]
+    named = metadata.get("anima_adapter")
+    readers.sort(key=lambda spec: spec.name != named)  # stable: the named variant first, the rest in name order
+    modules = dict(model.named_modules())
+    weights = {original: modules[path].weight for original, path in known.items()}
+    for spec in readers:
+        found = spec.file_deltas(tensors, metadata, weights)
+        if found is None:
+            continue
+        unmatched = sorted(set(found) - set(known))
+        if unmatched:
+            raise UserError(f"--lora {source}: adapter '{spec.name}' returned modules this model does not have "
+                            f"(e.g. {unmatched[:2]})")
+        if not found:
+            raise UserError(f"--lora {source}: none of its modules match this model (read as '{spec.name}'); is it "
+                            f"a LoRA for Anima?")
+        return {known[original]: delta for original, delta in found.items()}
+    names = ", ".join(spec.name for spec in readers) or "none"
+    raise UserError(f"--lora {source}: not a LoRA file anima can apply (keys such as {sorted(tensors)[:2]}; "
+                    f"adapters that read other formats: {names})")
+
+
+def apply_lora_file(model: nn.Module, path: Path | str, strength: float = 1.0, registry=None) -> AppliedLoRA:
+    """Merge a LoRA file at ``strength``. Plain LoRA is read here; other formats by the adapters in ``registry``
+    (the process's plugin registry by default)."""
+    tensors, metadata = load_safetensors(path, "--lora", "a LoRA .safetensors file")
+    known = original_paths(model)
+    if is_plain_lora(tensors):
+        deltas = lora_deltas(tensors, known, str(path))
+    else:
+        deltas = plugin_deltas(tensors, metadata, known, model, str(path), registry)
+    applied = AppliedLoRA(model, deltas, strength)
     applied._apply(1.0)
     return applied

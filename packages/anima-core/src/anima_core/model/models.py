@@ -96,7 +96,8 @@ class AnimaModels:
 
     # -- LoRA -------------------------------------------------------------------------------------------
     def apply_lora(self, path: Path | str, strength: float = 1.0) -> AppliedLoRA:
-        """Merge a LoRA file (ours, kohya/ComfyUI ``lora_unet_*`` or ``diffusion_model.*``) at ``strength``."""
+        """Merge a LoRA file (ours, kohya/ComfyUI ``lora_unet_*`` or ``diffusion_model.*``, or any format an installed
+        adapter reads through its spec's ``file_deltas``, e.g. LoKr/LoHa) at ``strength``."""
         applied = apply_lora_file(self.dit, path, strength)
         self.loras.append(applied)
         return applied
