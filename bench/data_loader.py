@@ -1,7 +1,8 @@
-"""Data pipeline benchmark on the tiny model set, both figures from one run:
+"""Data pipeline benchmark on the demo base (the tiny *pretrained* model set packaged in anima_core.demo), both
+figures from one run:
 
 (a) loader wait: time the training loop spends waiting for ``TrainingData.batches`` as a fraction of the step time,
-    where a step is a forward + backward of the tiny DiT on the batch (goal < 2 %);
+    where a step is a forward + backward of the demo base's DiT on the batch (goal < 2 %);
 (b) epoch time with the latent cache filled vs empty: build_training_data (scan, encode what is missing) plus one
     pass over the batches. The "cached" run clears the in-process scan memo first, so it pays what a new process
     pays: every image is still decoded once by the scan (goal >= 3x faster).
@@ -50,13 +51,13 @@ def main() -> None:
     from anima_core.data import loader
     from anima_core.model.dit import load_transformer
     from anima_core.model.vae import load_vae
-    from anima_core.testing.tiny import write_tiny_model_set
+    from anima_core.demo import base_model_paths
 
     torch.manual_seed(0)
     if args.from_disk:
         loader.RAM_BUDGET_BYTES = 0
     root = Path(tempfile.mkdtemp(prefix="anima-bench-data-"))
-    tiny = write_tiny_model_set(root / "tiny")
+    tiny = base_model_paths()
     data_dir = root / "data"
     data_dir.mkdir()
     write_dataset(data_dir, args.images, args.size)
@@ -85,7 +86,7 @@ def main() -> None:
     dit.requires_grad_(True).train()
     data = build_training_data(section, seed=0, batch_size=args.batch, cache_dir=cache, vae=None, progress=False)
     gen = torch.Generator().manual_seed(0)
-    qwen_dim = tiny.adapter_config["source_dim"]
+    qwen_dim = dit.text_conditioner.config.source_dim
 
     def step(latents: torch.Tensor) -> None:
         b = latents.shape[0]

@@ -1,6 +1,6 @@
 """Per-optimizer-step time of the real training loop (``anima_core.training.api.train``) vs a bare loop doing the
 same model work (Qwen encode + DiT/adapter forward + backward + AdamW step) on the same batch size, measured in
-one run on the tiny model set. The loop's time per step is the slope between two run lengths, so start-up
+one run on the demo base (the tiny *pretrained* model set packaged in anima_core.demo) and its shapes data. The loop's time per step is the slope between two run lengths, so start-up
 (loading, caching) cancels out. Goal: ratio <= 1.05.
 
     python bench/train_step_overhead.py [--steps 20 --batch 2]
@@ -27,13 +27,12 @@ def main() -> None:
     from anima_core.builtins.adapters import LoRAOptions
     from anima_core.lora import LoRAAdapter
     from anima_core.model.models import AnimaModels
-    from anima_core.testing.datasets import write_shapes_dataset
-    from anima_core.testing.tiny import write_tiny_model_set
+    from anima_core.demo import base_model_paths, shapes
     from anima_core.training.api import train
 
     root = Path(tempfile.mkdtemp(prefix="anima-bench-"))
-    tiny = write_tiny_model_set(root / "tiny")
-    images = write_shapes_dataset(root / "data", n=8)
+    tiny = base_model_paths()
+    images = shapes.write_dataset(root / "data", 8)
 
     def cfg(out: Path, steps: int) -> dict:
         return {"model": {"transformer": str(tiny.transformer), "text_encoder": str(tiny.text_encoder),
@@ -80,7 +79,7 @@ def main() -> None:
         loop_per_step.append((long - short) / args.steps)
         bare_per_step.append(bare_time(args.steps))
     a, b = statistics.median(loop_per_step), statistics.median(bare_per_step)
-    print(f"tiny model, batch {args.batch}, {args.steps} steps x {args.repeats} repeats (CPU)")
+    print(f"demo base, batch {args.batch}, {args.steps} steps x {args.repeats} repeats (CPU)")
     print(f"real loop {a * 1e3:.1f} ms/step, bare step {b * 1e3:.1f} ms/step, ratio {a / b:.3f} (goal <= 1.05)")
 
 

@@ -189,25 +189,38 @@ class TinyModelSet:
     vae_config: dict[str, Any]
 
 
-def _save(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+def _save(tensors: Mapping[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=METADATA)
+    save_file({k: (v if dtype is None else v.to(dtype)).detach().contiguous() for k, v in tensors.items()},
+              str(path), metadata=METADATA)
+
+
+def write_model_files(directory: Path, dit: nn.Module, adapter: nn.Module, qwen: nn.Module, vae: nn.Module, *,
+                      names: Mapping[str, str] | None = None, dtype: torch.dtype | None = None,
+                      corpus: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Write modules as an official-format model set into ``directory``; returns the paths by
+    :class:`TinyModelSet` field name. ``names`` overrides file/folder names (keys: the field names), ``dtype``
+    casts the DiT+adapter and Qwen3 tensors (the VAE stays fp32), ``corpus`` builds the tokenizers from other text
+    (:data:`anima_core.testing.tokenizers.CORPUS` by default)."""
+    from anima_core.testing.tokenizers import CORPUS
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    chosen = {"transformer": TRANSFORMER_FILE, "text_encoder": TEXT_ENCODER_FILE, "vae": VAE_FILE,
+              "qwen_tokenizer": QWEN_TOKENIZER_DIR, "t5_tokenizer": T5_TOKENIZER_DIR, **(names or {})}
+    paths = {key: directory / name for key, name in chosen.items()}
+    _save(original_anima_state_dict(dit.state_dict(), adapter.state_dict()), paths["transformer"], dtype)
+    _save({"model." + k: v for k, v in qwen.state_dict().items()}, paths["text_encoder"], dtype)
+    _save(wan_vae_state_dict(vae.state_dict()), paths["vae"])
+    write_tokenizers(paths["qwen_tokenizer"], paths["t5_tokenizer"], CORPUS if corpus is None else corpus)
+    return paths
 
 
 def write_tiny_model_set(directory: Path, *, seed: int = 0) -> TinyModelSet:
     """Write the tiny model set into ``directory`` (created if needed) and return where everything is."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     dit, adapter, qwen, vae = build_tiny_modules(seed)
     cfg = tiny_configs()
-    paths = TinyModelSet(
-        transformer=directory / TRANSFORMER_FILE, text_encoder=directory / TEXT_ENCODER_FILE,
-        vae=directory / VAE_FILE, qwen_tokenizer=directory / QWEN_TOKENIZER_DIR,
-        t5_tokenizer=directory / T5_TOKENIZER_DIR, dit_config=cfg["dit"], adapter_config=cfg["adapter"],
-        qwen_config=cfg["qwen"], vae_config=cfg["vae"])
-    _save(original_anima_state_dict(dit.state_dict(), adapter.state_dict()), paths.transformer)
-    _save({"model." + k: v for k, v in qwen.state_dict().items()}, paths.text_encoder)
-    _save(wan_vae_state_dict(vae.state_dict()), paths.vae)
-    write_tokenizers(paths.qwen_tokenizer, paths.t5_tokenizer)
-    return paths
+    paths = write_model_files(directory, dit, adapter, qwen, vae)
+    return TinyModelSet(**paths, dit_config=cfg["dit"], adapter_config=cfg["adapter"], qwen_config=cfg["qwen"],
+                        vae_config=cfg["vae"])

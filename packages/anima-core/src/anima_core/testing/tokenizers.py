@@ -115,24 +115,25 @@ def t5_vocab(corpus: tuple[str, ...] = CORPUS) -> list[tuple[str, float]]:
     return pieces
 
 
-def build_qwen_tokenizer():
-    """A ``Qwen2Tokenizer`` (transformers v5: the fast implementation) with the real one's special-token setup."""
+def build_qwen_tokenizer(corpus: tuple[str, ...] = CORPUS):
+    """A ``Qwen2Tokenizer`` (transformers v5: the fast implementation) with the real one's special-token setup;
+    merges learnt from ``corpus``."""
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = qwen_vocab_and_merges()
+    vocab, merges = qwen_vocab_and_merges(corpus)
     return Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token=None,
                           eos_token="<|endoftext|>", pad_token="<|endoftext|>", add_prefix_space=False,
                           add_bos_token=False, add_eos_token=False, model_max_length=QWEN_MODEL_MAX_LENGTH)
 
 
-def build_t5_tokenizer():
-    """A ``T5TokenizerFast`` (in transformers v5 the same class as ``T5Tokenizer``)."""
+def build_t5_tokenizer(corpus: tuple[str, ...] = CORPUS):
+    """A ``T5TokenizerFast`` (in transformers v5 the same class as ``T5Tokenizer``), word pieces from ``corpus``."""
     from transformers import T5TokenizerFast
 
-    return T5TokenizerFast(vocab=t5_vocab(), extra_ids=0, model_max_length=T5_MODEL_MAX_LENGTH)
+    return T5TokenizerFast(vocab=t5_vocab(corpus), extra_ids=0, model_max_length=T5_MODEL_MAX_LENGTH)
 
 
-def write_tokenizers(qwen_dir: Path, t5_dir: Path) -> None:
+def write_tokenizers(qwen_dir: Path, t5_dir: Path, corpus: tuple[str, ...] = CORPUS) -> None:
     """Both tokenizers as ``save_pretrained`` folders that ``AutoTokenizer.from_pretrained`` loads offline."""
-    build_qwen_tokenizer().save_pretrained(str(qwen_dir))
-    build_t5_tokenizer().save_pretrained(str(t5_dir))
+    build_qwen_tokenizer(corpus).save_pretrained(str(qwen_dir))
+    build_t5_tokenizer(corpus).save_pretrained(str(t5_dir))
