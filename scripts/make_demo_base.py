@@ -13,7 +13,7 @@ On the CPU, with fixed seeds:
 4. the files in the official formats (``anima_core.testing.tiny.write_model_files``), then a check through the
    real loaders: generated samples of seen concepts scored by ``anima_core.demo.scoring``.
 
-Run from the repository root:  python scripts/make_demo_base.py            (full run, ~25 min on 2 shared cores)
+Run from the repository root:  python scripts/make_demo_base.py            (full run, ~40 min on 2 shared cores)
                                python scripts/make_demo_base.py --quick    (pipeline check, ~3 min; other --out)
 """
 
@@ -195,7 +195,7 @@ def encode_all(vae, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 # -- DiT + adapter ------------------------------------------------------------------------------------------
 def train_dit(latents: torch.Tensor, captions: list[str], text, cfg: dict, steps: int, batch: int, seed: int,
-              drop: float = 0.1):
+              peak_lr: float = 5e-4, drop: float = 0.1):
     from diffusers import AnimaTextConditioner, CosmosTransformer3DModel
 
     from anima_core.builtins.timesteps import LogitNormalOptions, _logit_normal
@@ -204,14 +204,14 @@ def train_dit(latents: torch.Tensor, captions: list[str], text, cfg: dict, steps
     torch.manual_seed(seed)
     model = AnimaDiT(CosmosTransformer3DModel(**cfg["dit"]), AnimaTextConditioner(**cfg["adapter"])).train()
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.01)
     sampler = _logit_normal(LogitNormalOptions(uniform_mix_prob=0.1))  # the trainer's default family
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     t0, running = time.time(), None
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 5e-4, 50)
+            group["lr"] = lr_at(step, steps, peak_lr, 50)
         idx = torch.randint(len(latents), (batch,), generator=gen)
         x0 = latents[idx]
         # caption dropout: the empty prompt is CFG's negative at sampling time
@@ -298,9 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="Low budget: checks the pipeline in ~3 minutes.")
     parser.add_argument("--images", type=int, default=1500)
     parser.add_argument("--vae-steps", type=int, default=1300)
-    parser.add_argument("--dit-steps", type=int, default=650)
+    parser.add_argument("--dit-steps", type=int, default=2500)
     parser.add_argument("--vae-colours", choices=("all", "seen"), default="all",
                         help="Colours of the VAE's training images (all: the held-out one too; the DiT never sees it).")
+    parser.add_argument("--dit-lr", type=float, default=1e-3, help="Peak learning rate of the DiT + adapter.")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared and "
@@ -371,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     qwen.float().eval().requires_grad_(False)
     text = TextEncoder(qwen, qwen_tok, t5_tok)
 
-    model, final_loss = train_dit(latents, captions, text, cfg, args.dit_steps, args.batch, args.seed + 3)
+    model, final_loss = train_dit(latents, captions, text, cfg, args.dit_steps, args.batch, args.seed + 3,
+                                  args.dit_lr)
     eval_loss = fixed_loss(model, latents, captions, text)
     log(f"dit: final smoothed training loss {final_loss:.4f}; fixed-noise eval loss {eval_loss:.4f}")
 
@@ -391,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"total {elapsed:.1f} min")
     record = {"command": "python scripts/make_demo_base.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "seed": args.seed, "images": args.images, "vae_steps": args.vae_steps, "dit_steps": args.dit_steps,
+              "dit_lr": args.dit_lr,
               "batch": args.batch, "threads": args.threads, "vae_recon_mse": round(recon_mse, 6),
               "vae_colour_held_in": held_in, "vae_colour_held_out": vae_purple,
               "latent_abs_mean_max": round(float(lat_mean.abs().max()), 4),

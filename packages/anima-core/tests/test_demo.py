@@ -9,15 +9,13 @@ from PIL import Image
 
 from anima_core.demo import scoring, shapes
 
-STEPS = 150  # a short budget (the default is 200); the whole test stays under ~3 min on 2 shared cores
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     from conftest import run_anima
 
     out = tmp_path_factory.mktemp("demo")
-    result = run_anima("train", "--demo", "--output", out, "--set", f"train.max_steps={STEPS}", timeout=900)
+    # the default budget (300 steps, ~2 min on 2 cores): what the README promises is what is tested
+    result = run_anima("train", "--demo", "--output", out, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -27,15 +25,18 @@ def test_demo_lora_learns_the_held_out_colour(demo_run):
     out, result = demo_run
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["before"], summary["after"]
-    # The base really generates: on 8 seen-colour prompts most samples show the asked colour (chance is 1/4 for
-    # a random seen colour, and a broken base shows none).
-    assert before["seen"]["colour"] >= 0.625, before
-    # The base has never seen purple: few of the 8 held-out prompts come out purple, and only by accident (its
-    # red-and-blue blobs can read as purple to the pixel vote: 2 of 8 with the packaged base).
-    assert before["held_out_rate"] <= 0.375, before
-    # After the LoRA most of the 8 held-out samples are purple: a rise of at least 5 samples out of 8, far beyond
-    # what seed-to-seed noise moves (the same seeds are used before and after).
-    assert after["held_out_rate"] >= 0.625 and after["held_out_rate"] - before["held_out_rate"] >= 0.5, summary
+    # The base really generates: on 8 seen-concept prompts at least 6 samples show the asked colour (chance is
+    # 1/4, a broken base shows none; the packaged base gets 8 of 8).
+    assert before["seen"]["colour"] >= 0.75, before
+    # The base has never seen purple: at most 2 of the 8 held-out prompts may come out purple by accident (a red
+    # and blue blob can win the pixel vote; the packaged base gets 0 of 8).
+    assert before["held_out_rate"] <= 0.25, before
+    # After the LoRA at least 6 of the 8 held-out samples are purple (the default run gets 7; 200 steps get 5,
+    # which fails here on purpose) and the rise is at least 4 samples out of 8: the same prompts and seeds are
+    # used before and after, so this is the LoRA's doing, not sampling noise.
+    assert after["held_out_rate"] >= 0.75 and after["held_out_rate"] - before["held_out_rate"] >= 0.5, summary
+    # ...and it learned the word, not "paint everything purple": seen colours still come out right (7 of 8 after).
+    assert after["seen"]["colour"] >= 0.625, summary
     for name in ("before_after.png", "summary.txt", "run/demo_lora.safetensors", "run/loss_curve.png"):
         assert (out / name).is_file(), name
     assert "purple" in result.stdout and "base" in result.stdout
