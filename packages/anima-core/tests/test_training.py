@@ -222,3 +222,16 @@ def test_text_encoder_cache_trains_identically(tiny, images, tmp_path):
     a, b = adapter_tensors(plain.state), adapter_tensors(cached.state)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_gradient_check_finds_one_bad_value_among_many_tensors(bad):
+    from anima_core.training.phases.loop import _grads_finite
+
+    params = [torch.nn.Parameter(torch.zeros(8, 16)) for _ in range(40)]
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, 1e30 if i == 3 else 0.5)  # huge but finite: a 2-norm would overflow here
+    if bad is not None:
+        params[27].grad[5, 11] = bad
+    assert _grads_finite(params) is (bad is None)
+    assert _grads_finite([torch.nn.Parameter(torch.zeros(2))]) is False  # no gradients at all: nothing to step
