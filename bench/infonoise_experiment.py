@@ -25,13 +25,6 @@ T_GRID = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)
 NAMES = ("baseline", "infonoise")
 
 
-def _base_model(args, root: Path):
-    """Model paths (transformer, text_encoder, vae, qwen_tokenizer, t5_tokenizer attributes)."""
-    from anima_core.demo import base_model_paths
-
-    return base_model_paths()
-
-
 def _held_out_images(args, root: Path) -> Path:
     """Fresh purple images (a seed the demo's training set does not use)."""
     from anima_core.demo import shapes
@@ -129,7 +122,9 @@ def main() -> None:
 
     root = args.root or Path(tempfile.mkdtemp(prefix="anima-infonoise-bench-"))
     started = time.time()
-    model = _base_model(args, root)
+    from anima_core.demo import base_model_paths
+
+    model = base_model_paths()
     held_out = HeldOut(model, _held_out_images(args, root), root, args)
     untrained_loss, untrained_rate = held_out.measure(None)
     curves: dict[tuple[str, int], list[tuple[int, float, float]]] = {}

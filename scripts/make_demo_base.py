@@ -195,7 +195,7 @@ def encode_all(vae, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 # -- DiT + adapter ------------------------------------------------------------------------------------------
 def train_dit(latents: torch.Tensor, captions: list[str], text, cfg: dict, steps: int, batch: int, seed: int,
-              peak_lr: float = 5e-4, drop: float = 0.1):
+              peak_lr: float, drop: float = 0.1):
     from diffusers import AnimaTextConditioner, CosmosTransformer3DModel
 
     from anima_core.builtins.timesteps import LogitNormalOptions, _logit_normal
