@@ -69,16 +69,20 @@ class LoRAModule(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            w = self._base[0].weight
-            w += self.delta_weight().to(w.dtype)
+            _add_to_weight(self._base[0], self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            w = self._base[0].weight
-            w -= self.delta_weight().to(w.dtype)
+            _add_to_weight(self._base[0], -self.delta_weight())
             self.merged = False
+
+
+def _add_to_weight(base: nn.Module, delta: torch.Tensor) -> None:
+    from anima_core.model.lora_files import add_to_weight
+
+    add_to_weight(base, delta)
 
 
 def lora_key(module_path: str, prefix: str) -> str:

@@ -7,7 +7,7 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from anima_core.errors import UserError
 
@@ -62,7 +62,17 @@ def check_file(path: Path | str, field: str, expected: str) -> Path:
     return path
 
 
-def _check_header(path: Path, field: str) -> None:
+# safetensors dtype codes; the torch names are resolved lazily so importing this module stays cheap.
+ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+             "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+             "BOOL": "bool"}
+ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+              "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_header(path: Path, field: str) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict, int]:
+    """The header of a safetensors file, validated: {name: (dtype code, shape, start, end)}, the metadata and the
+    offset where tensor data starts. Every malformation is one :class:`CheckpointError` naming the file."""
     # safetensors' own errors ("Error while deserializing header: ...") do not say which file or what to do.
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -77,10 +87,91 @@ def _check_header(path: Path, field: str) -> None:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{field}: {path} is not a safetensors file (unreadable header)") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{field}: {path} is not a safetensors file (its header is a JSON "
+                              f"{type(header).__name__}, expected an object of tensors)")
+    metadata = header.pop("__metadata__", None) or {}
+    entries = {}
+    for name, info in header.items():
+        try:
+            code, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            numel = 1
+            for d in shape:
+                numel *= d
+            valid = code in ITEM_SIZES and 0 <= int(start) <= int(end) and int(end) - int(start) == numel * \
+                ITEM_SIZES[code] and all(d >= 0 for d in shape)
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise CheckpointError(f"{field}: {path} is not a valid safetensors file: the header entry of {name!r} "
+                                  f"is malformed ({json.dumps(info)[:120]})")
+        entries[name] = (code, shape, int(start), int(end))
+    end = max((e[3] for e in entries.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{field}: {path} is truncated: tensors need {8 + n + end} bytes, the file has "
                               f"{size} (re-download it)")
+    return entries, metadata if isinstance(metadata, dict) else {}, 8 + n
+
+
+def _check_header(path: Path, field: str) -> None:
+    read_header(path, field)
+
+
+class SafetensorsFile:
+    """A safetensors file read without mmap: the header up front, then one tensor at a time with plain reads into
+    a fresh buffer. Loading a model this way holds each weight once (a memory-mapped read also counts the mapped
+    file pages in the process's RSS, doubling the peak) and never reads a tensor that is not asked for."""
+
+    def __init__(self, path: Path | str, field: str, expected: str) -> None:
+        self.path = check_file(path, field, expected)
+        self.field = field
+        self._entries, self.metadata, self._data_start = read_header(self.path, field)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def dtype(self, key: str) -> "torch.dtype":
+        import torch
+
+        return getattr(torch, ST_DTYPES[self._entries[key][0]])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def nbytes(self, key: str | None = None) -> int:
+        if key is not None:
+            _, _, start, end = self._entries[key]
+            return end - start
+        return sum(e[3] - e[2] for e in self._entries.values())
+
+    def meta_state_dict(self) -> dict[str, "torch.Tensor"]:
+        """Every tensor as a meta tensor of its shape and dtype (for reading off configs without any data)."""
+        import torch
+
+        return {k: torch.empty(self.shape(k), dtype=self.dtype(k), device="meta") for k in self._entries}
+
+    def read(self, key: str) -> "torch.Tensor":
+        import torch
+
+        code, shape, start, end = self._entries[key]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        try:
+            with open(self.path, "rb", buffering=0) as fh:
+                fh.seek(self._data_start + start)
+                done = 0
+                while done < len(view):
+                    got = fh.readinto(view[done:])
+                    if not got:
+                        raise CheckpointError(f"{self.field}: {self.path} ended while reading {key} (truncated "
+                                              f"file? re-download it)")
+                    done += got
+        except OSError as exc:
+            raise CheckpointError(f"{self.field}: cannot read {self.path}: {exc}") from None
+        return buf.view(self.dtype(key)).reshape(shape)
 
 
 def load_safetensors(path: Path | str, field: str, expected: str) -> tuple[dict[str, "torch.Tensor"], dict]:
@@ -115,9 +206,11 @@ def block_count(keys: Iterable[str], pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def load_strict(module, sd: dict[str, "torch.Tensor"], field: str, path: Path | str, rename=lambda k: k) -> None:
-    """``module.load_state_dict(sd, strict=True)``, but a mismatch is one :class:`CheckpointError` naming the file,
-    the counts and examples (by ``rename``d names, e.g. the original checkpoint names)."""
+def check_strict(module, sd: Mapping[str, "torch.Tensor"], field: str, path: Path | str,
+                 rename=lambda k: k) -> None:
+    """The keys and shapes of ``sd`` must be exactly ``module``'s (meta tensors suffice on both sides); a mismatch
+    is one :class:`CheckpointError` naming the file, the counts and examples (by ``rename``d names, e.g. the
+    original checkpoint names)."""
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
@@ -127,6 +220,11 @@ def load_strict(module, sd: dict[str, "torch.Tensor"], field: str, path: Path | 
         k, found, want = wrong[0]
         raise CheckpointError(f"{field}: {path}: {len(wrong)} tensors have unexpected shapes (e.g. {rename(k)}: "
                               f"expected {want}, found {found})")
+
+
+def load_strict(module, sd: dict[str, "torch.Tensor"], field: str, path: Path | str, rename=lambda k: k) -> None:
+    """``module.load_state_dict(sd, strict=True)`` after :func:`check_strict`."""
+    check_strict(module, sd, field, path, rename)
     module.load_state_dict(sd, strict=True)
 
 

@@ -16,14 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from anima_core.model import fp8
 from anima_core.model.checkpoint import (
     CheckpointError,
+    SafetensorsFile,
     block_count,
     describe_component,
-    load_safetensors,
-    load_strict,
     strip_prefix,
 )
+from anima_core.model.meta_load import build_empty, fill_from_file, from_pretrained_safetensors, rename_map
 
 FIELD = "model.transformer"
 EXPECTED = "the Anima DiT single file (e.g. anima-base-v1.0.safetensors, with llm_adapter.* inside)"
@@ -138,15 +139,20 @@ def _build(dit_config: dict[str, Any], adapter_config: dict[str, Any]) -> AnimaD
     return AnimaDiT(CosmosTransformer3DModel(**dit_config), AnimaTextConditioner(**adapter_config))
 
 
-def load_single_file(path: Path | str) -> AnimaDiT:
-    """The official single file: DiT + ``llm_adapter.*``, prefix ``net.``, ``model.diffusion_model.`` or none."""
-    from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
+BLOCKS = "transformer.transformer_blocks."
 
-    from anima_core.model import names
 
-    path = Path(path)
-    raw, _ = load_safetensors(path, FIELD, EXPECTED)
-    sd, _ = strip_prefix(raw, "x_embedder.proj.1.weight")
+def quantizes(path: str, _linear=None) -> bool:
+    """The Linears that ``base_precision: fp8`` stores in fp8: those of the DiT blocks (99 % of the Linear bytes).
+    The patch embed, timestep embedder, final layer and the LLM adapter stay in the model dtype, as ComfyUI's
+    scaled-fp8 files keep their first and last layers."""
+    return path.startswith(BLOCKS)
+
+
+def split_file(st: SafetensorsFile, path: Path) -> tuple[dict, dict, str]:
+    """(DiT meta state dict, adapter meta state dict, prefix) of the single file, from its header alone."""
+    raw = {k: v for k, v in st.meta_state_dict().items() if not fp8.is_quantized_file_key(k)}
+    sd, prefix = strip_prefix(raw, "x_embedder.proj.1.weight")
     if "x_embedder.proj.1.weight" not in sd or "blocks.0.mlp.layer1.weight" not in sd:
         raise CheckpointError(f"{FIELD}: expected {EXPECTED}, found {describe_component(raw)} in {path}")
     adapter_sd = {k[len(ADAPTER_PREFIX):]: v for k, v in sd.items() if k.startswith(ADAPTER_PREFIX)}
@@ -154,10 +160,41 @@ def load_single_file(path: Path | str) -> AnimaDiT:
         raise CheckpointError(f"{FIELD}: {path} has the DiT but no llm_adapter.* tensors; Anima needs the adapter "
                               f"(the official files carry it in the same file)")
     dit_sd = {k: v for k, v in sd.items() if not k.startswith(ADAPTER_PREFIX)}
-    model = _build(infer_dit_config(dit_sd), infer_adapter_config(adapter_sd))
-    converted = convert_cosmos_transformer_checkpoint_to_diffusers(dict(dit_sd))  # drops known buffers
-    load_strict(model.transformer, converted, FIELD, path, names.dit_to_original)
-    load_strict(model.text_conditioner, adapter_sd, FIELD, path, names.adapter_to_original)
+    return dit_sd, adapter_sd, prefix
+
+
+def build_empty_from_file(path: Path | str, *, base_precision: str = "dtype",
+                          dtype: torch.dtype = torch.float32) -> tuple[AnimaDiT, SafetensorsFile, dict[str, str]]:
+    """The model of the single file built on the meta device (fp8 Linears swapped in when asked), the open file
+    and {model state-dict key: file key}. No tensor data is read."""
+    from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
+
+    path = Path(path)
+    st = SafetensorsFile(path, FIELD, EXPECTED)
+    dit_sd, adapter_sd, prefix = split_file(st, path)
+    model = build_empty(lambda: _build(infer_dit_config(dit_sd), infer_adapter_config(adapter_sd)))
+    if base_precision == "fp8":
+        fp8.replace_linears_(model, dtype, quantizes)
+    dit_keys = rename_map(convert_cosmos_transformer_checkpoint_to_diffusers, dit_sd)  # drops known buffers
+    key_map = {f"transformer.{k}": prefix + v for k, v in dit_keys.items()}
+    key_map.update({f"text_conditioner.{k}": prefix + ADAPTER_PREFIX + k for k in adapter_sd})
+    return model, st, key_map
+
+
+def _original_name(key: str) -> str:
+    from anima_core.model import names
+
+    if key.startswith("transformer."):
+        return names.dit_to_original(key[len("transformer."):])
+    return ADAPTER_PREFIX + key.removeprefix("text_conditioner.")
+
+
+def load_single_file(path: Path | str, *, dtype: torch.dtype = torch.float32,
+                     base_precision: str = "dtype") -> AnimaDiT:
+    """The official single file: DiT + ``llm_adapter.*``, prefix ``net.``, ``model.diffusion_model.`` or none; a
+    ComfyUI scaled-fp8 file too. Built on the meta device and read tensor by tensor into ``dtype``."""
+    model, st, key_map = build_empty_from_file(path, base_precision=base_precision, dtype=dtype)
+    fill_from_file(model, st, key_map, dtype, _original_name)
     return model
 
 
@@ -174,16 +211,28 @@ def _load_diffusers_folder(folder: Path) -> AnimaDiT:
     if dit_cfg.get("concat_padding_mask", True):
         dit_cfg.update(in_channels=dit_cfg.get("in_channels", 16) + 1, concat_padding_mask=False)
     dit_cfg.update(max_size=DIT_FIXED["max_size"])
-    reference = CosmosTransformer3DModel.from_pretrained(tdir, local_files_only=True)
-    transformer = CosmosTransformer3DModel.from_config({k: v for k, v in dit_cfg.items() if not k.startswith("_")})
-    transformer.load_state_dict(reference.state_dict(), strict=True)
-    conditioner = AnimaTextConditioner.from_pretrained(cdir, local_files_only=True)
+    reference = from_pretrained_safetensors(CosmosTransformer3DModel, tdir, FIELD)
+    transformer = build_empty(lambda: CosmosTransformer3DModel.from_config(
+        {k: v for k, v in dit_cfg.items() if not k.startswith("_")}))
+    transformer.load_state_dict(reference.state_dict(), strict=True, assign=True)
+    conditioner = from_pretrained_safetensors(AnimaTextConditioner, cdir, FIELD)
     return AnimaDiT(transformer, conditioner)
 
 
-def load_transformer(path: Path | str) -> AnimaDiT:
-    """``model.transformer``: the single file, or a diffusers folder (pipeline root or its transformer/)."""
-    path = Path(path)
-    model = _load_diffusers_folder(path) if path.is_dir() else load_single_file(path)
+def load_transformer(path: Path | str, *, dtype: torch.dtype | str = torch.float32,
+                     base_precision: str = "dtype") -> AnimaDiT:
+    """``model.transformer``: the single file, or a diffusers folder (pipeline root or its transformer/), in
+    ``dtype`` on the CPU, frozen. ``base_precision="fp8"`` stores the block Linears in fp8 (see
+    :mod:`anima_core.model.fp8`); move the result with ``.to(device)``, never ``.to(dtype)``."""
+    from anima_core.model.models import resolve_dtype
+
+    path, dtype = Path(path), resolve_dtype(dtype)
+    if path.is_dir():
+        model = _load_diffusers_folder(path)
+        if base_precision == "fp8":
+            fp8.quantize_linears_(model, dtype, quantizes)
+        fp8.cast_floating_(model, dtype)
+    else:
+        model = load_single_file(path, dtype=dtype, base_precision=base_precision)
     model.requires_grad_(False)
     return model.eval()

@@ -102,11 +102,27 @@ class AppliedLoRA:
         modules = dict(self.model.named_modules())
         with torch.no_grad():
             for path, delta in self.deltas.items():
-                w = modules[path].weight
-                w += (sign * self.strength * delta).to(w.device, w.dtype)
+                add_to_weight(modules[path], sign * self.strength * delta)
 
     def remove(self) -> None:
         self._apply(-1.0)
+
+
+def plain_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear as a plain tensor (an fp8 base weight dequantised)."""
+    dequantized = getattr(module, "dequantized_weight", None)
+    return dequantized() if dequantized is not None else module.weight
+
+
+@torch.no_grad()
+def add_to_weight(module: nn.Module, delta: torch.Tensor) -> None:
+    """``module.weight += delta`` in the weight's dtype; an fp8 base weight re-quantises itself."""
+    add = getattr(module, "add_to_weight_", None)
+    if add is not None:
+        add(delta.to(module.weight.device))
+        return
+    w = module.weight
+    w += delta.to(w.device, w.dtype)
 
 
 def is_plain_lora(tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -126,7 +142,7 @@ def plugin_deltas(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str],
     named = metadata.get("anima_adapter")
     readers.sort(key=lambda spec: spec.name != named)  # stable: the named variant first, the rest in name order
     modules = dict(model.named_modules())
-    weights = {original: modules[path].weight for original, path in known.items()}
+    weights = {original: plain_weight(modules[path]) for original, path in known.items()}
     for spec in readers:
         found = spec.file_deltas(tensors, metadata, weights)
         if found is None:

@@ -18,7 +18,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_dtype(value: str | torch.dtype) -> torch.dtype:
-    return value if isinstance(value, torch.dtype) else DTYPES[value]
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        from anima_core.errors import UserError
+
+        raise UserError(f"unknown dtype {value!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[value]
 
 
 @dataclass
@@ -54,16 +60,18 @@ class AnimaModels:
     def load(cls, transformer: Path | str, text_encoder: Path | str, vae: Path | str,
              qwen_tokenizer: Path | str | None, t5_tokenizer: Path | str | None, *, device: str = "cpu",
              dtype: str | torch.dtype = "fp32", vae_dtype: str | torch.dtype = "fp32",
-             attention: str = "sdpa") -> AnimaModels:
-        """Load every component (single files or diffusers/HF folders) and place them on ``device``."""
+             attention: str = "sdpa", base_precision: str = "dtype",
+             text_encoder_precision: str = "dtype") -> AnimaModels:
+        """Load every component (single files or diffusers/HF folders; built on the meta device and read straight
+        into ``dtype``, or fp8 for ``*_precision="fp8"``) and place them on ``device``."""
         dev = torch.device(device)
         dt = resolve_dtype(dtype)
         qwen_tok = load_tokenizer(qwen_tokenizer, "qwen_tokenizer")
         t5_tok = load_tokenizer(t5_tokenizer, "t5_tokenizer")
-        dit = load_transformer(transformer).to(dev, dt)
+        dit = load_transformer(transformer, dtype=dt, base_precision=base_precision).to(dev)
         dit.set_attention_backend(attention)
-        qwen = load_qwen3(text_encoder).to(dev, dt)
-        autoencoder = load_vae(vae).to(dev, resolve_dtype(vae_dtype))
+        qwen = load_qwen3(text_encoder, dtype=dt, precision=text_encoder_precision).to(dev)
+        autoencoder = load_vae(vae, dtype=resolve_dtype(vae_dtype)).to(dev)
         return cls(dit, TextEncoder(qwen, qwen_tok, t5_tok), autoencoder, dev, dt)
 
     @classmethod
@@ -71,7 +79,8 @@ class AnimaModels:
         """From a validated config's ``model`` section."""
         m = config.model
         return cls.load(m.transformer, m.text_encoder, m.vae, m.qwen_tokenizer, m.t5_tokenizer, device=device,
-                        dtype=m.dtype, vae_dtype=m.vae_dtype, attention=m.attention)
+                        dtype=m.dtype, vae_dtype=m.vae_dtype, attention=m.attention,
+                        base_precision=m.base_precision, text_encoder_precision=m.text_encoder_precision)
 
     # -- conditioning and prediction -------------------------------------------------------------------
     @torch.no_grad()

@@ -15,13 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from anima_core.errors import UserError
-from anima_core.model.checkpoint import (
-    CheckpointError,
-    block_count,
-    describe_component,
-    load_safetensors,
-    load_strict,
-)
+from anima_core.model.checkpoint import CheckpointError, SafetensorsFile, block_count, describe_component
 from anima_core.model.prompt import parse_weighted
 
 FIELD = "model.text_encoder"
@@ -54,23 +48,41 @@ def qwen3_config_from_shapes(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def load_qwen3(path: Path | str) -> torch.nn.Module:
-    """``model.text_encoder``: one safetensors file (``model.*`` keys) or a Hugging Face folder."""
+def quantizes(path: str, _linear=None) -> bool:
+    """The Qwen3 Linears that ``text_encoder_precision: fp8`` stores in fp8: those of the decoder layers."""
+    return path.startswith("layers.")
+
+
+def load_qwen3(path: Path | str, *, dtype: torch.dtype | str = torch.float32,
+               precision: str = "dtype") -> torch.nn.Module:
+    """``model.text_encoder``: one safetensors file (``model.*`` keys) or a Hugging Face folder, built on the meta
+    device and read tensor by tensor into ``dtype`` (``precision="fp8"``: decoder Linears in fp8), frozen."""
     from transformers import Qwen3Config, Qwen3Model
 
-    path = Path(path)
+    from anima_core.model import fp8
+    from anima_core.model.meta_load import build_empty, fill_from_file, from_pretrained_safetensors
+    from anima_core.model.models import resolve_dtype
+
+    path, dtype = Path(path), resolve_dtype(dtype)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise CheckpointError(f"{FIELD}: {path} is a directory without config.json (expected {EXPECTED} or a "
                                   f"Hugging Face Qwen3 folder)")
-        model = Qwen3Model.from_pretrained(path, local_files_only=True)
+        model = from_pretrained_safetensors(Qwen3Model, path, FIELD, dtype=dtype)
+        if precision == "fp8":
+            fp8.quantize_linears_(model, dtype, quantizes)
+        fp8.cast_floating_(model, dtype)
     else:
-        raw, _ = load_safetensors(path, FIELD, EXPECTED)
+        st = SafetensorsFile(path, FIELD, EXPECTED)
+        raw = {k: v for k, v in st.meta_state_dict().items() if not fp8.is_quantized_file_key(k)}
         sd = {k.removeprefix("model."): v for k, v in raw.items() if k != "lm_head.weight"}
         if "embed_tokens.weight" not in sd or "layers.0.self_attn.q_norm.weight" not in sd:
             raise CheckpointError(f"{FIELD}: expected {EXPECTED}, found {describe_component(raw)} in {path}")
-        model = Qwen3Model(Qwen3Config(**qwen3_config_from_shapes(sd)))
-        load_strict(model, sd, FIELD, path)
+        model = build_empty(lambda: Qwen3Model(Qwen3Config(**qwen3_config_from_shapes(sd))))
+        if precision == "fp8":
+            fp8.replace_linears_(model, dtype, quantizes)
+        key_map = {k.removeprefix("model."): k for k in raw if k != "lm_head.weight"}
+        fill_from_file(model, st, key_map, dtype)
     model.requires_grad_(False)
     return model.eval()
 

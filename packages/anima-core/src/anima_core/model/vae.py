@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anima_core.model.checkpoint import CheckpointError, describe_component, load_safetensors, load_strict
+from anima_core.model.checkpoint import CheckpointError, SafetensorsFile, describe_component
 
 FIELD = "model.vae"
 EXPECTED = "the Qwen-Image VAE (e.g. qwen_image_vae.safetensors, Wan2.1 key layout)"
@@ -66,32 +66,40 @@ class AnimaVAE(nn.Module):
         return images[:, :, 0].float().clamp(-1.0, 1.0)
 
 
-def load_vae(path: Path | str) -> AnimaVAE:
-    """``model.vae``: the single file in the Wan2.1 layout, or a diffusers folder (root or its vae/)."""
+def load_vae(path: Path | str, *, dtype: torch.dtype | str = torch.float32) -> AnimaVAE:
+    """``model.vae``: the single file in the Wan2.1 layout, or a diffusers folder (root or its vae/), built on the
+    meta device and read tensor by tensor into ``dtype``, frozen."""
     from diffusers import AutoencoderKLQwenImage
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    path = Path(path)
+    from anima_core.model import fp8
+    from anima_core.model.meta_load import build_empty, fill_from_file, from_pretrained_safetensors, rename_map
+    from anima_core.model.models import resolve_dtype
+
+    path, dtype = Path(path), resolve_dtype(dtype)
     if path.is_dir():
         folder = path / "vae" if (path / "vae" / "config.json").exists() else path
         if not (folder / "config.json").exists():
             raise CheckpointError(f"{FIELD}: {path} is a directory without a diffusers VAE config.json "
                                   f"(expected {EXPECTED} or a diffusers vae/ folder)")
-        vae = AutoencoderKLQwenImage.from_pretrained(folder, local_files_only=True)
+        vae = from_pretrained_safetensors(AutoencoderKLQwenImage, folder, FIELD)
+        fp8.cast_floating_(vae, dtype)
     else:
-        raw, _ = load_safetensors(path, FIELD, EXPECTED)
+        st = SafetensorsFile(path, FIELD, EXPECTED)
+        raw = st.meta_state_dict()
         if "encoder.conv1.weight" in raw and "decoder.conv1.weight" in raw:
-            sd = convert_wan_vae_to_diffusers(dict(raw))
+            key_map = rename_map(convert_wan_vae_to_diffusers, raw)
         elif "encoder.conv_in.weight" in raw:
-            sd = raw  # already diffusers layout in one file
+            key_map = {k: k for k in raw}  # already diffusers layout in one file
         else:
             raise CheckpointError(f"{FIELD}: expected {EXPECTED}, found {describe_component(raw)} in {path}")
+        sd = {k: raw[v] for k, v in key_map.items()}
         try:
             config = infer_vae_config(sd)
         except KeyError as exc:
             raise CheckpointError(f"{FIELD}: {path} looks like a VAE but lacks {exc} (truncated or another "
                                   f"architecture?)") from None
-        vae = AutoencoderKLQwenImage(**config)
-        load_strict(vae, sd, FIELD, path)
+        vae = build_empty(lambda: AutoencoderKLQwenImage(**config))
+        fill_from_file(vae, st, key_map, dtype)
     vae.requires_grad_(False)
     return AnimaVAE(vae.eval())
