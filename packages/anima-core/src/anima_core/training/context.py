@@ -53,6 +53,7 @@ class Models:
     adapter: Any
     dtype: torch.dtype
     train_module: torch.nn.Module  # DiT + adapter parameters as one module
+    block_swap: Any = None  # anima_core.model.block_swap.BlockSwap when model.blocks_to_swap > 0
 
 
 @dataclass

@@ -9,23 +9,35 @@ import traceback
 from pathlib import Path
 from typing import Iterator
 
+from anima_core.training import residency
 from anima_core.training.context import TrainingContext
 
 
 @contextlib.contextmanager
 def eval_mode(ctx: TrainingContext) -> Iterator[None]:
-    """Optimizer (``schedule_free``) and modules in eval mode around sampling and saving, train mode after."""
+    """Optimizer (``schedule_free``) and modules in eval mode around sampling and saving, train mode after, with
+    the train-mode weights restored bit for bit: a schedule-free ``eval()`` / ``train()`` pair interpolates the
+    weights there and back, which rounds, so every preview or save would otherwise nudge the run."""
+    import torch
+
     optimizer = ctx.optimization.optimizer if ctx.optimization else None
     module = ctx.models.train_module
-    if optimizer is not None and hasattr(optimizer, "eval"):
+    swaps = optimizer is not None and hasattr(getattr(optimizer, "optimizer", optimizer), "eval")
+    saved = []
+    if swaps:
+        with torch.no_grad():
+            saved = [(p, p.detach().clone()) for p in ctx.optimization.params]
         optimizer.eval()
     module.eval()
     try:
         yield
     finally:
         module.train()
-        if optimizer is not None and hasattr(optimizer, "train"):
+        if swaps:
             optimizer.train()
+            with torch.no_grad():
+                for p, train_weights in saved:
+                    p.copy_(train_weights)
 
 
 def render(ctx: TrainingContext, prompts: list[str], tag: str) -> list[Path]:
@@ -40,7 +52,7 @@ def render(ctx: TrainingContext, prompts: list[str], tag: str) -> list[Path]:
     paths = []
     boot.sample_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with eval_mode(ctx):
+        with eval_mode(ctx), residency.on_device(ctx):
             for i, prompt in enumerate(prompts):
                 params = GenerationParams(prompt=prompt, negative_prompt=s.negative_prompt, width=s.width,
                                           height=s.height, steps=s.steps, cfg=s.cfg, shift=s.shift,
@@ -64,7 +76,8 @@ def vae_round_trip(ctx: TrainingContext, latents) -> None:
     from anima_core import atomic
 
     try:
-        image = ctx.models.vae.decode(latents[:1].to(ctx.bootstrap.device))[0]
+        with residency.on_device(ctx):
+            image = ctx.models.vae.decode(latents[:1].to(ctx.bootstrap.device))[0]
         array = ((image.permute(1, 2, 0).cpu().float() + 1) * 127.5).round().clamp(0, 255).byte().numpy()
         path = ctx.bootstrap.sample_dir / "vae_roundtrip.png"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from anima_core.data import build_training_data
+from anima_core.training import residency
 from anima_core.training.context import Dataset, TrainingContext
 
 
@@ -25,3 +26,4 @@ def run(ctx: TrainingContext) -> None:
     for problem in data.problems:
         boot.monitor.note(f"warning: {problem}")
     ctx.dataset = Dataset(data=data)
+    residency.after_caching(ctx)
