@@ -122,7 +122,7 @@ def test_batches_of_different_lengths_are_masked(models):
     torch.testing.assert_close(batch[1:2], models.encode_prompts([long]), atol=1e-5, rtol=1e-5)
 
 
-def test_long_captions_are_not_truncated(models):
+def test_long_prompts_are_not_truncated_for_inference(models):  # ComfyUI: 512 is a floor, not a cap
     caption = ", ".join(f"tag{i}" for i in range(400))
     ids = models.text.tokenize([caption])
     assert ids.t5_ids.shape[1] > 512

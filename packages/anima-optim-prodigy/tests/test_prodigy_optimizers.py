@@ -98,6 +98,18 @@ def test_schedule_free_weights_are_swapped_for_saves_and_training_continues(tiny
     assert all(differ for _, _, differ in seen)  # eval (x) and train (y) weights really differ
 
 
+def test_periodic_saves_do_not_change_a_schedule_free_run(tiny, images, tmp_path):
+    # A save swaps the schedule-free weights to eval (averaged) and back; the swap back must be exact, or every
+    # save nudges the run.
+    sections = dict(optimizer={"type": "prodigy_plus_schedulefree", "lr": 1.0}, train={"max_steps": 6})
+    quiet = train(tiny_train_config(tiny, images, tmp_path / "a", **sections))
+    saving = train(tiny_train_config(tiny, images, tmp_path / "b", **sections,
+                                     output={"save_every_n_steps": 1, "save_state_every_n_steps": 2}))
+    a, b = load_file(str(quiet.lora)), load_file(str(saving.lora))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_resume_is_bit_exact(tiny, images, tmp_path):
     sections = dict(optimizer={"type": "prodigy_plus_schedulefree", "lr": 1.0},
                     train={"max_steps": 4, "batch_size": 1, "grad_accum": 2},

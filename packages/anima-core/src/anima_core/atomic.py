@@ -21,11 +21,29 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes 0600 files: give the file the mode a plain open() would (what the user's umask allows), so
+        # a LoRA is as readable by the user's other tools and accounts as the optim.pt beside it
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``os.umask`` can only be read by setting
+    it, and another thread creating a file in between would get the temporary value)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from anima_core.data.config import DatasetSection
 from anima_core.options import (
@@ -134,6 +134,20 @@ class OutputSection(StrictModel):
                                     "installed).", advanced=True)
     wandb_project: Optional[str] = field(None, "Log to this Weights & Biases project (needs wandb; also read "
                                                "from WANDB_PROJECT).", advanced=True)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_file_name(cls, value: str) -> str:
+        # The name is joined onto output.dir: a separator or '..' would write the LoRA files outside it. Characters
+        # Windows refuses are refused too, so a config works on both (LoRA files often end up in ComfyUI there).
+        bad = sorted({c for c in value if c in '/\\:*?"<>|' or ord(c) < 32})
+        if bad:
+            raise ValueError(f"must be a plain file name (it names files inside output.dir), found {value!r} with "
+                             f"{' '.join(repr(c) for c in bad)}")
+        if value.startswith(".") or value != value.strip():
+            raise ValueError(f"must be a plain file name without a leading '.' or surrounding spaces (it names "
+                             f"visible files inside output.dir), found {value!r}")
+        return value
 
 
 class TrainingConfig(StrictModel):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from anima_core.data.config import DatasetSection, RegSection
 
 if TYPE_CHECKING:
-    from anima_core.data.cache import CacheMissError
+    from anima_core.data.cache import CacheMissError, CachingInterrupted
     from anima_core.data.captions import Caption, CaptionRules, render_caption
     from anima_core.data.loader import Batch, TrainingData, build_training_data
     from anima_core.data.scan import ImageRecord, ScanReport, scan_dataset
@@ -22,10 +22,10 @@ _LAZY = {
     "build_training_data": "loader", "TrainingData": "loader", "Batch": "loader",
     "scan_dataset": "scan", "ScanReport": "scan", "ImageRecord": "scan",
     "Caption": "captions", "CaptionRules": "captions", "render_caption": "captions",
-    "CacheMissError": "cache", "CachedText": "text_cache",
+    "CacheMissError": "cache", "CachingInterrupted": "cache", "CachedText": "text_cache",
 }
 
-__all__ = ["Batch", "CacheMissError", "CachedText", "Caption", "CaptionRules", "DatasetSection", "ImageRecord",
+__all__ = ["Batch", "CacheMissError", "CachedText", "CachingInterrupted", "Caption", "CaptionRules", "DatasetSection", "ImageRecord",
            "RegSection", "ScanReport", "TrainingData", "build_training_data", "render_caption", "scan_dataset"]
 
 

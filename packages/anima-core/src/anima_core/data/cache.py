@@ -12,7 +12,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import torch
 
@@ -35,15 +35,29 @@ class CacheMissError(UserError):
     """Latents are needed that are not cached and no VAE was given to encode them."""
 
 
+class CachingInterrupted(KeyboardInterrupt):
+    """A stop was requested (Ctrl-C) while the latent cache was filling; what was encoded so far is kept."""
+
+    def __init__(self, encoded: int, todo: int, folder: Path) -> None:
+        super().__init__(f"stopped while caching latents: {encoded} of {todo} encoded and kept in {folder}; the next "
+                         f"run reuses them and encodes only the rest")
+        self.encoded, self.todo = encoded, todo
+
+
 def vae_identity(vae: AnimaVAE) -> str:
     """A hash of the VAE's config, dtype and a strided sample of a few of its weights: cheap, and different for any
     other checkpoint or precision."""
     h = hashlib.sha256(PIPELINE_VERSION.encode())
-    h.update(json.dumps(dict(vae.vae.config), sort_keys=True, default=str).encode())
+    # diffusers' bookkeeping keys (``_use_default_values`` is built from a set, so its order changes per process;
+    # ``_diffusers_version`` changes on upgrade) say nothing about the latents: left out
+    config = {k: v for k, v in dict(vae.vae.config).items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     h.update(str(vae.dtype).encode())
     state = vae.vae.state_dict()
     names = sorted(state)
-    for name in {names[0], names[len(names) // 3], names[2 * len(names) // 3], names[-1]}:
+    # sorted, never a bare set: a set of str iterates in PYTHONHASHSEED order, which gave every process its own
+    # cache folder (nothing was ever reused across runs)
+    for name in sorted({names[0], names[len(names) // 3], names[2 * len(names) // 3], names[-1]}):
         flat = state[name].detach().flatten()
         sample = flat[:: max(1, flat.numel() // 64)][:64]
         h.update(name.encode())
@@ -138,11 +152,20 @@ def unique_specs(cache: LatentCache, specs: Iterable[LatentSpec]) -> list[Latent
 
 
 def fill_cache(cache: LatentCache, specs: Iterable[LatentSpec], vae: AnimaVAE, *, batch_size: int,
-               progress: bool) -> tuple[int, int]:
+               progress: bool, should_stop: Optional[Callable[[], bool]] = None) -> tuple[int, int]:
     """Encode every spec not cached yet, batched per bucket (one VAE call per batch), decoding the next batch's
-    images on worker threads while the VAE runs. Returns (encoded, reused)."""
+    images on worker threads while the VAE runs. Returns (encoded, reused). ``should_stop`` is asked before each
+    VAE call (and once at the end): when it says yes, :class:`CachingInterrupted` is raised, every entry written so
+    far staying valid for the next run."""
     unique = unique_specs(cache, specs)
     todo = [s for s in unique if not cache.has(s)]
+    done = 0
+
+    def check_stop() -> None:
+        if should_stop is not None and should_stop():
+            cache.mark_last_used()
+            raise CachingInterrupted(done, len(todo), cache.folder)
+
     if todo:
         by_bucket: dict[Size, list[LatentSpec]] = defaultdict(list)
         for spec in todo:
@@ -157,12 +180,16 @@ def fill_cache(cache: LatentCache, specs: Iterable[LatentSpec], vae: AnimaVAE, *
 
             pending = load(chunks[0])
             for i, chunk in enumerate(chunks):
+                check_stop()
                 pixels = pending.result()
                 if i + 1 < len(chunks):
                     pending = load(chunks[i + 1])
                 latents = vae.encode(pixels.to(device))
                 for spec, latent in zip(chunk, latents):
                     cache.write(spec, latent)
+                    done += 1
                     advance()
+    # also when nothing was left to encode: a stop asked for during model loading ends the run here, before any step
+    check_stop()
     cache.mark_last_used()
     return len(todo), len(unique) - len(todo)

@@ -8,7 +8,7 @@ import json
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 # Tag-category JSON (the reference's format): these categories stay in this order, never shuffled or dropped ...
 FIXED_CATEGORIES = ("quality", "count", "character", "series", "artist")
@@ -172,3 +172,30 @@ def render_caption(caption: Caption, rules: CaptionRules, rng: Optional[random.R
     if caption.nl:
         text = f"{text}. {caption.nl}" if text else caption.nl
     return text
+
+
+def caption_file_of(record) -> str:
+    """Where an image record's caption came from, for messages: its caption file, or the config field."""
+    source = record.caption_source
+    if source == "override":
+        return f"dataset.reg.caption (for {record.path})"
+    return str(record.path.with_suffix(source)) if source else str(record.path)
+
+
+def long_caption_warning(captions: Iterable[tuple[str, str]], encoder, limit: Optional[int] = 50) -> Optional[str]:
+    """One warning naming the caption files (``(file, longest rendered caption)`` pairs) that the text encoder
+    cuts at its token limits (:data:`anima_core.model.text_encoder.MAX_QWEN_TOKENS` / ``MAX_T5_TOKENS``), or None.
+    Counted as :meth:`TextEncoder.tokenize` counts (weight syntax parsed, ``</s>`` included)."""
+    from anima_core.model.text_encoder import MAX_QWEN_TOKENS, MAX_T5_TOKENS
+
+    long = []
+    for source, text in captions:
+        batch = encoder.tokenize([text], truncate=False)
+        qwen, t5 = int(batch.qwen_mask.sum()), int(batch.t5_mask.sum())
+        if qwen > MAX_QWEN_TOKENS or t5 > MAX_T5_TOKENS:
+            long.append(f"{source} ({t5} T5 / {qwen} Qwen3 tokens)")
+    if not long:
+        return None
+    listed = ", ".join(long[:limit]) + (f" … and {len(long) - limit} more" if limit and len(long) > limit else "")
+    return (f"{len(long)} caption(s) are longer than training reads ({MAX_T5_TOKENS} T5 / {MAX_QWEN_TOKENS} "
+            f"Qwen3 tokens, as sd-scripts) and are cut there, so their end is never trained: {listed}")

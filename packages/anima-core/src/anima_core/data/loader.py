@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, TypeVar
 
 import torch
 
@@ -23,7 +23,7 @@ from anima_core.data.cache import (
     unique_specs,
     vae_identity,
 )
-from anima_core.data.captions import CaptionRules, render_caption
+from anima_core.data.captions import CaptionRules, caption_file_of, long_caption_warning, render_caption
 from anima_core.data.config import DatasetSection
 from anima_core.data.sampler import batches_per_rank, epoch_rng, plan_epoch
 from anima_core.data.scan import ImageRecord, ScanReport, scan_dataset
@@ -222,10 +222,13 @@ def _specs(record: ImageRecord, bucket: Size, section: DatasetSection) -> tuple[
 
 def build_training_data(section: DatasetSection, *, seed: int, batch_size: int, cache_dir: Path,
                         vae: Optional[AnimaVAE], rank: int = 0, world_size: int = 1,
-                        progress: bool = True) -> TrainingData:
+                        progress: bool = True, should_stop: Optional[Callable[[], bool]] = None,
+                        text_encoder: Optional[TextEncoder] = None) -> TrainingData:
     """Scan the dataset, encode every latent not cached yet (once per image, bucket and flip, however often it
     repeats), and return the epoch-by-epoch batches of process ``rank`` of ``world_size``. ``vae`` may be None
-    only when every latent is already cached (by the last VAE that filled ``cache_dir``)."""
+    only when every latent is already cached (by the last VAE that filled ``cache_dir``). ``should_stop`` (e.g.
+    the run's Ctrl-C flag) is asked between VAE calls: see :func:`~anima_core.data.cache.fill_cache`. With
+    ``text_encoder``, captions it would cut at its token limit are reported in ``problems``, naming their files."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
@@ -250,7 +253,7 @@ def build_training_data(section: DatasetSection, *, seed: int, batch_size: int, 
     else:
         cache = LatentCache(cache_dir, vae_identity(vae))
         encoded, reused = fill_cache(cache, wanted, vae, batch_size=section.vae_batch_size or batch_size,
-                                     progress=progress)
+                                     progress=progress, should_stop=should_stop)
     samples = []
     for record in report.records:
         for bucket in record.buckets:
@@ -263,5 +266,14 @@ def build_training_data(section: DatasetSection, *, seed: int, batch_size: int, 
                         reg_loss_weight=section.reg.loss_weight if section.reg is not None else 1.0,
                         report=report, encoded=encoded, reused=reused, problems=list(report.problems),
                         cache_dir=Path(cache_dir))
+    if text_encoder is not None:
+        longest = {}  # the caption as rendered with every tag kept (no dropout): the most the encoder is given
+        for record in report.records:
+            rules = data.reg_rules if record.is_reg else data.rules
+            full = replace(rules, shuffle=False, tag_dropout=0.0, caption_dropout=0.0)
+            longest.setdefault(caption_file_of(record), render_caption(record.caption, full))
+        warning = long_caption_warning(longest.items(), text_encoder)
+        if warning is not None:
+            data.problems.append(warning)
     data.preload()
     return data

@@ -18,7 +18,7 @@ from anima_core import atomic
 if TYPE_CHECKING:
     from anima_core.model.text_encoder import TextBatch, TextEncoder
 
-TEXT_CACHE_VERSION = "anima-text-1"
+TEXT_CACHE_VERSION = "anima-text-2"  # 2: captions cut at the text encoder's token limits
 
 
 @dataclass
@@ -36,7 +36,7 @@ def text_encoder_identity(encoder: TextEncoder) -> str:
              f"{encoder.t5_eos_id}|{encoder.t5_pad_id}".encode())
     state = encoder.qwen.state_dict()
     names = sorted(state)
-    for name in {names[0], names[len(names) // 2], names[-1]}:
+    for name in sorted({names[0], names[len(names) // 2], names[-1]}):  # sorted: a str set's order is per process
         flat = state[name].detach().flatten()
         h.update(name.encode())
         h.update(repr(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().tolist()).encode())
@@ -110,7 +110,7 @@ def build_text_cache(captions: Iterable[str], encoder: TextEncoder, cache_dir: P
         with bar as advance:
             for i in range(0, len(todo), batch_size):
                 chunk = todo[i:i + batch_size]
-                batch = encoder.tokenize(chunk)
+                batch = encoder.tokenize(chunk, truncate=True)
                 hidden = encoder.encode_qwen(batch).cpu()
                 for row, caption in enumerate(chunk):
                     nq, nt = int(batch.qwen_mask[row].sum()), int(batch.t5_mask[row].sum())

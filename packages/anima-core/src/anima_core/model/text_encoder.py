@@ -3,7 +3,9 @@
 Rules (each pinned by a test): ComfyUI's weight syntax is parsed and each segment tokenised on its own; Qwen3 gets
 the plain segments (no chat template, no BOS/EOS; an empty caption is one pad token, as ComfyUI) and we take the
 last hidden state after the final norm, zeroed at padding; T5 ids are the same segments with ``</s>`` appended and
-per-token weights; nothing is truncated at 512 tokens (512 is the context's padding floor, not a cap).
+per-token weights. Prompts for inference are never cut (ComfyUI: 512 is the context's padding floor, not a cap);
+training captions are cut at 512 Qwen3 and 512 T5 tokens (``MAX_QWEN_TOKENS`` / ``MAX_T5_TOKENS``, as sd-scripts),
+with a warning naming the caption files, because a caption past them costs GBs of attention memory per step.
 """
 
 from __future__ import annotations
@@ -129,6 +131,13 @@ def _pad(rows: list[list[Any]], value: Any, dtype: torch.dtype) -> tuple[torch.T
     return data, mask
 
 
+# Caption length limits, as sd-scripts' Anima defaults (qwen3_max_token_length / t5_max_token_length = 512): the
+# LLM adapter's context is 512 T5 positions (shorter prompts are zero-padded to it), which is what Anima was trained
+# on; and without a cap a 10 000-token caption costs GBs of attention memory per step.
+MAX_QWEN_TOKENS = 512
+MAX_T5_TOKENS = 512  # </s> included
+
+
 class TextEncoder:
     """Qwen3 + both tokenizers: prompts → (Qwen hidden states, T5 ids, weights) for the LLM adapter."""
 
@@ -144,17 +153,23 @@ class TextEncoder:
     def _ids(self, tokenizer, text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
 
-    def tokenize(self, prompts: Sequence[str]) -> TextBatch:
+    def tokenize(self, prompts: Sequence[str], *, truncate: bool = False) -> TextBatch:
+        """Ids, masks and T5 weights of ``prompts``, full length (as ComfyUI). ``truncate=True`` (training
+        captions) cuts a prompt past :data:`MAX_QWEN_TOKENS` Qwen3 tokens or :data:`MAX_T5_TOKENS` T5 tokens
+        (``</s>`` included) there, keeping the start."""
         qwen_rows, t5_rows, weight_rows = [], [], []
         for prompt in prompts:
             segments = parse_weighted(prompt)
             qwen = [i for seg, _ in segments for i in self._ids(self.qwen_tokenizer, seg)]
-            qwen_rows.append(qwen or [self.qwen_pad_id])  # never a fully masked row
             t5, weights = [], []
             for seg, w in segments:
                 ids = self._ids(self.t5_tokenizer, seg)
                 t5 += ids
                 weights += [w] * len(ids)
+            if truncate:
+                qwen = qwen[:MAX_QWEN_TOKENS]
+                t5, weights = t5[:MAX_T5_TOKENS - 1], weights[:MAX_T5_TOKENS - 1]
+            qwen_rows.append(qwen or [self.qwen_pad_id])  # never a fully masked row
             t5_rows.append(t5 + [self.t5_eos_id])
             weight_rows.append(weights + [1.0])
         qwen_ids, qwen_mask = _pad(qwen_rows, self.qwen_pad_id, torch.long)

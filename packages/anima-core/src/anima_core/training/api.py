@@ -53,7 +53,10 @@ def _forget_accelerator_settings() -> None:
 def train(config: TrainingConfig | dict[str, Any] | str | Path, *, overrides: Iterable[str] = (),
           resume: str | Path | None = None, registry=None) -> TrainResult:
     """Train an adapter. ``config``: a YAML path, a mapping or a config object; ``resume``: ``"auto"`` or a state
-    folder. Returns where the outputs went; raises :class:`TrainingInterrupted` after a signal-triggered stop."""
+    folder. Returns where the outputs went; raises :class:`TrainingInterrupted` after a signal-triggered stop,
+    :class:`anima_core.data.CachingInterrupted` after one during latent caching (before any step: nothing is
+    written but the cache entries made so far), and ``TrainingDiverged`` (``training.phases.loop``) when the
+    weights turn NaN/inf or every step is skipped (nothing is saved from such weights)."""
     from anima_core.training.context import TrainingContext
     from anima_core.training.phases import ORDER, finalize
 
@@ -63,8 +66,12 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, *, overrides: It
     try:
         for phase in ORDER[:-1]:
             phase.run(ctx)
-    except BaseException:
+    except BaseException as exc:
+        from anima_core.data.cache import CachingInterrupted
+
         if ctx.bootstrap is not None:
+            if isinstance(exc, CachingInterrupted):  # Ctrl-C before the first step: say what was kept
+                ctx.bootstrap.monitor.note(str(exc))
             ctx.bootstrap.monitor.close()
             ctx.bootstrap.stop.restore()
         _forget_accelerator_settings()

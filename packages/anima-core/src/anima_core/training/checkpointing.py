@@ -10,11 +10,13 @@ from anima_core.training.sampling import eval_mode
 def save_checkpoint(ctx: TrainingContext, *, lora_name: str | None, state: bool) -> None:
     boot, prog = ctx.bootstrap, ctx.progress
     if boot.is_main:
-        with eval_mode(ctx):  # schedule-free optimizers save their averaged weights
-            if lora_name is not None:
+        if lora_name is not None:
+            with eval_mode(ctx):  # schedule-free optimizers save their averaged weights
                 prog.last_lora = outputs.save_lora(ctx, lora_name)
-            if state:
-                prog.last_state = _save_state(ctx)
+        if state:
+            # in train mode: the state holds the exact weights training continues from (and the optimizer in the
+            # mode they belong to), so a resumed run is bit-identical to one that never stopped
+            prog.last_state = _save_state(ctx)
     boot.accelerator.wait_for_everyone()
 
 

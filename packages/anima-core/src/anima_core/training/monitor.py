@@ -66,6 +66,9 @@ def write_loss_curve_png(path: Path, steps: list[int], losses: list[float], titl
 
 
 class Monitor:
+    """Notes print from the start; files (``monitor_state.json``, the curve, TensorBoard, W&B) are opened only by
+    :meth:`start`, once the run is known to start: a run that fails before it leaves the folder as it was."""
+
     def __init__(self, output_dir: Path, *, enabled: bool, log_every: int, tensorboard: bool,
                  wandb_project: Optional[str], run_config: dict[str, Any]) -> None:
         self.output_dir = output_dir
@@ -73,7 +76,8 @@ class Monitor:
         self.log_every = log_every
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "total_steps": None, "total_epochs": None,
                                       "losses": [], "lr_history": [], "metrics": [], "samples": [],
-                                      "start_time": time.time(), "speed": None, "config": run_config}
+                                      "start_time": time.time(), "speed": None, "config": run_config,
+                                      "skipped_nonfinite": 0, "skipped_steps": 0}
         self.loss_ema: Optional[float] = None
         self._last_time: Optional[float] = None
         self._speed: Optional[float] = None
@@ -81,28 +85,59 @@ class Monitor:
         self._task = None
         self._tb = None
         self._wandb = None
-        if not enabled:
-            return
-        if tensorboard:
+        self._tensorboard = tensorboard
+        self._wandb_project = wandb_project
+        self._started = False
+
+    def _open_loggers(self) -> None:
+        if self._tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+                self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
             except Exception:  # tensorboard not installed: optional
                 self._tb = None
-        project = wandb_project or os.environ.get("WANDB_PROJECT")
+        project = self._wandb_project or os.environ.get("WANDB_PROJECT")
         if project:
             try:
                 import wandb
 
-                self._wandb = wandb.init(project=project, config=run_config, dir=str(output_dir))
+                self._wandb = wandb.init(project=project, config=self.state["config"], dir=str(self.output_dir))
             except Exception as exc:
                 print(f"warning: W&B disabled ({exc})", file=sys.stderr)
 
+    def _continue_from(self, first_step: int) -> None:
+        """A resumed run continues the history in ``monitor_state.json`` (cut back to the resumed step, whose
+        later steps are trained again) instead of starting an empty one over it."""
+        try:
+            old = json.loads((self.output_dir / "monitor_state.json").read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(old, dict):
+            return
+        for key in ("losses", "lr_history", "metrics", "samples"):
+            entries = old.get(key)
+            if isinstance(entries, list):
+                self.state[key] = [e for e in entries if isinstance(e, dict) and e.get("step", 0) <= first_step]
+        if isinstance(old.get("start_time"), (int, float)):
+            self.state["start_time"] = old["start_time"]
+        resumes = old.get("resumed") if isinstance(old.get("resumed"), list) else []
+        self.state["resumed"] = [*resumes, {"step": first_step, "time": time.time()}]
+        if self.state["losses"]:
+            self.loss_ema = self.state["losses"][-1].get("loss")
+
     # -- lifecycle -----------------------------------------------------------------------------------------
-    def start(self, total_steps: int, total_epochs: int, first_step: int) -> None:
+    def start(self, total_steps: int, total_epochs: int, first_step: int, *, resumed: bool = False) -> None:
+        """The run starts: open the files and loggers (rank 0). ``resumed``: append to the earlier history."""
         self.state.update(total_steps=total_steps, total_epochs=total_epochs, step=first_step)
-        if self.enabled and sys.stderr.isatty():
+        if not self.enabled:
+            return
+        self._started = True
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resumed:
+            self._continue_from(first_step)
+        self._open_loggers()
+        if sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -112,10 +147,12 @@ class Monitor:
         self._write_state()
 
     def close(self) -> None:
-        if not self.enabled:
+        if not self.enabled or not self._started:
             return
         if self._progress is not None:
             self._progress.stop()
+        print(f"skipped (non-finite): {self.state['skipped_nonfinite']} micro-batch(es) with a non-finite loss, "
+              f"{self.state['skipped_steps']} optimizer step(s) with non-finite gradients", file=sys.stderr)
         losses = [e["loss"] for e in self.state["losses"]]
         if losses:
             print(ascii_curve(losses), file=sys.stderr)
@@ -144,10 +181,12 @@ class Monitor:
         if clean:
             self._append("metrics", {"step": step, **clean})
         self.state.update(step=step, epoch=epoch, speed=self._speed)
-        info = (f"loss {self.loss_ema:.4f} lr {lr:.3g}"
+        info = ((f"loss {self.loss_ema:.4f}" if self.loss_ema is not None else "loss nan") + f" lr {lr:.3g}"
                 + (f" d {clean['optimizer/d']:.3g} eff_lr {clean['optimizer/effective_lr']:.3g}"
                    if "optimizer/d" in clean else "")
-                + f" epoch {epoch + 1}" + (f" {self._speed:.2f} it/s" if self._speed else ""))
+                + f" epoch {epoch + 1}" + (f" {self._speed:.2f} it/s" if self._speed else "")
+                + (f" skipped {self.state['skipped_nonfinite']} batch(es) {self.state['skipped_steps']} step(s)"
+                   if self.state["skipped_nonfinite"] or self.state["skipped_steps"] else ""))
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         elif step % self.log_every == 0 or step == self.state["total_steps"]:
@@ -163,6 +202,10 @@ class Monitor:
             self._write_state()
         if step % (10 * self.log_every) == 0:  # the PNG costs ms to draw: less often than the JSON, and at close
             self._write_curve()
+
+    def count_skips(self, micro_batches: int, steps: int) -> None:
+        """This run's skipped micro-batches (non-finite loss) and optimizer steps (non-finite gradients)."""
+        self.state.update(skipped_nonfinite=micro_batches, skipped_steps=steps)
 
     def log_samples(self, paths: list[Path], step: int) -> None:
         if not self.enabled:
@@ -187,11 +230,11 @@ class Monitor:
             del items[: len(items) - cap]
 
     def _write_state(self) -> None:
-        if self.enabled:
+        if self.enabled and self._started:
             atomic.write_text(self.output_dir / "monitor_state.json", json.dumps(self.state, default=str))
 
     def _write_curve(self) -> None:
         losses = self.state["losses"]
-        if losses:
+        if losses and self.enabled and self._started:
             write_loss_curve_png(self.output_dir / "loss_curve.png", [e["step"] for e in losses],
                                  [e["loss"] for e in losses])

@@ -69,14 +69,26 @@ def save_lora(ctx: Any, name: str) -> Path:
     from anima_core.lora import save_file
     from anima_core.model.lora_files import original_paths
 
+    from anima_core import atomic
+    from anima_core.training.finite import NonFiniteError, check_safetensors, describe, nonfinite_names
+
     cfg = ctx.config
     path = ctx.bootstrap.output_dir / f"{name}.safetensors"
     adapter = ctx.models.adapter
     meta = lora_metadata(cfg, steps=ctx.progress.global_step, epoch=ctx.progress.epoch, adapter_name=cfg.adapter.type)
-    adapter.save(path, meta, dtype=SAVE_DTYPES[cfg.output.save_dtype])
+    # The adapter writes a temp file that is checked before it replaces the LoRA: what is checked is what is
+    # written, after the cast to save_dtype (fp16 turns weights past 65504 into inf), whatever the adapter plugin.
+    with atomic.atomic_path(path) as tmp:
+        adapter.save(tmp, meta, dtype=SAVE_DTYPES[cfg.output.save_dtype])
+        check_safetensors(tmp, path)
     if cfg.output.export_diffusers:
         from safetensors.torch import load_file
 
         exported = diffusers_export(load_file(str(path)), original_paths(ctx.models.dit))
-        save_file(exported, ctx.bootstrap.output_dir / f"{name}.diffusers.safetensors", meta)
+        target = ctx.bootstrap.output_dir / f"{name}.diffusers.safetensors"
+        bad = nonfinite_names(exported)  # alpha folded into B can overflow a half-precision dtype
+        if bad:
+            raise NonFiniteError(f"refusing to write {target}: {len(bad)} tensor(s) are not finite after folding "
+                                 f"alpha in ({describe(bad)}); use output.save_dtype: bf16 or fp32")
+        save_file(exported, target, meta)
     return path

@@ -67,7 +67,11 @@ def save_state(root: Path, *, step: int, write_adapter: Callable[[Path], None], 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write_adapter(tmp / "adapter.safetensors")
+    try:
+        _check_finite(tmp, final, write_adapter, optim)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     torch.save({**optim, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / "optim.pt")
@@ -88,6 +92,19 @@ def save_state(root: Path, *, step: int, write_adapter: Callable[[Path], None], 
         for stale in complete_states(root)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _check_finite(tmp: Path, final: Path, write_adapter: Callable[[Path], None], optim: dict[str, Any]) -> None:
+    """Write the adapter into ``tmp`` and refuse (NonFiniteError) a NaN/inf in it or in the optimizer-side states:
+    a NaN state resumes into NaN steps forever, so it must never replace a good one."""
+    from anima_core.training.finite import NonFiniteError, check_safetensors, describe, nonfinite_in
+
+    write_adapter(tmp / "adapter.safetensors")
+    check_safetensors(tmp / "adapter.safetensors", final / "adapter.safetensors")
+    bad = nonfinite_in(optim)
+    if bad:
+        raise NonFiniteError(f"refusing to write the state {final}: {len(bad)} optimizer-side tensor(s) are not "
+                             f"finite ({describe(bad)}); the earlier states are kept")
 
 
 def complete_states(root: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""bootstrap: check inputs up front (before any model loads), set up the process, folders and logging."""
+"""bootstrap: check inputs up front (before any model loads), set up the process and logging; the output folder is
+written only once the run is known to start (:func:`open_outputs`, called by the resume phase)."""
 
 from __future__ import annotations
 
@@ -56,25 +57,35 @@ def run(ctx: TrainingContext) -> None:
     cfg = ctx.config
     check_inputs(cfg)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu)
+    # Nothing is written into output.dir here: it may hold an earlier run's records, and a run that then fails
+    # (a model that does not load, a bad state to resume) must leave them as they were. See open_outputs.
     output_dir = Path(cfg.output.dir).resolve()
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
+    from anima_core.training.state import resolve_resume
 
-        atomic.write_text(output_dir / "config.yaml",
-                          yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    accelerator.wait_for_everyone()
+    state_root = output_dir / "state"
+    resume_from = resolve_resume(ctx.resume_request, state_root)  # before the signal handlers go in
     seed_everything(derived_seed(cfg.train.seed, accelerator.process_index))
     stop = StopFlag()
     stop.install()
     monitor = Monitor(output_dir, enabled=accelerator.is_main_process, log_every=cfg.output.log_every,
                       tensorboard=cfg.output.tensorboard, wandb_project=cfg.output.wandb_project,
                       run_config=cfg.model_dump(mode="json"))
-    from anima_core.training.state import resolve_resume
-
-    state_root = output_dir / "state"
     ctx.bootstrap = Bootstrap(accelerator=accelerator, output_dir=output_dir, state_root=state_root,
                               sample_dir=output_dir / "samples",
                               cache_dir=Path(cfg.output.cache_dir or output_dir / "cache").resolve(),
                               monitor=monitor, stop=stop,
-                              resume_from=resolve_resume(ctx.resume_request, state_root))
+                              resume_from=resume_from)
+
+
+def open_outputs(ctx: TrainingContext, *, resumed: bool) -> None:
+    """The run is known to start (config valid, models loaded, dataset cached, optimizer built, any resumed state
+    read): only now does rank 0 write ``config.yaml`` and open the monitor's files (appending to the earlier
+    history when ``resumed``)."""
+    boot, opt, prog = ctx.bootstrap, ctx.optimization, ctx.progress
+    if boot.is_main:
+        import yaml
+
+        boot.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(boot.output_dir / "config.yaml",
+                          yaml.safe_dump(ctx.config.model_dump(mode="json"), sort_keys=False))
+    boot.monitor.start(opt.total_steps, opt.epochs, prog.global_step, resumed=resumed)

@@ -14,7 +14,9 @@ def run(ctx: TrainingContext) -> None:
     def build():
         return build_training_data(cfg.dataset, seed=cfg.train.seed, batch_size=cfg.train.batch_size,
                                    cache_dir=boot.cache_dir, vae=ctx.models.vae, rank=acc.process_index,
-                                   world_size=acc.num_processes, progress=boot.is_main)
+                                   world_size=acc.num_processes, progress=boot.is_main,
+                                   should_stop=lambda: boot.stop.requested,
+                                   text_encoder=ctx.models.text if boot.is_main else None)
 
     if acc.is_main_process:
         data = build()
