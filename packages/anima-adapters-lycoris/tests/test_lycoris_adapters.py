@@ -266,3 +266,41 @@ def test_lokr_rank_dropout_draws_the_same_mask_as_lycoris():
     b = theirs.get_weight(theirs.shape)
     assert torch.equal(a, b)
     assert (a == 0).all(dim=1).any() and not (a == 0).all()  # some rows dropped, not all
+
+
+@pytest.mark.parametrize("case", sorted(k for k, v in CASES.items() if not v.get("dora")))
+def test_on_an_fp8_base_every_algorithm_trains_and_saves_the_same_keys(case, tiny, tmp_path):
+    # model.base_precision: fp8 stores the block Linears in float8: the rebuild path cannot add ΔW to them, so the
+    # adapter must switch to bypass there and still save the file a bf16 base would get.
+    from anima_core.model.dit import load_transformer
+
+    files = {}
+    for precision in ("dtype", "fp8"):
+        model = load_transformer(tiny.transformer, base_precision=precision).requires_grad_(False)
+        torch.manual_seed(0)
+        adapter = build(CASES[case], model)  # DiT targets only: the test feeds the context directly
+        params = [p for g in adapter.get_param_groups(0.0) for p in g["params"]]
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        x, t, ctx = torch.randn(1, 16, 1, 8, 8), torch.tensor([0.5]), torch.randn(1, 512, 32)
+        model(x, t, ctx).pow(2).mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params), precision
+        assert {p.dtype for p in params} == {torch.float32}
+        adapter.save(tmp_path / f"{precision}.safetensors", {}, dtype=torch.bfloat16)
+        files[precision] = file_groups(tmp_path / f"{precision}.safetensors")[0]
+    plain, quant = files["dtype"], files["fp8"]
+    assert plain.keys() == quant.keys()
+    for module in plain:
+        assert {s: (v.shape, v.dtype) for s, v in plain[module].items()} == \
+               {s: (v.shape, v.dtype) for s, v in quant[module].items()}, module
+
+
+def test_dora_on_an_fp8_base_is_a_config_error():
+    reg = installed_registry()
+    with pytest.raises(ConfigError, match="adapter.dora"):
+        validate_config({"model": {"base_precision": "fp8"}, "adapter": {"type": "loha", "dora": True}}, reg)
+    forced = validate_config({"model": {"base_precision": "fp8"}, "adapter": {"type": "lokr", "bypass_mode": False}},
+                             reg)
+    assert [w.path for w in forced.warnings] == ["adapter.bypass_mode"]

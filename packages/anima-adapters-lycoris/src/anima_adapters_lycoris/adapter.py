@@ -28,6 +28,12 @@ from anima_adapters_lycoris import file_format
 from anima_core.builtins.adapters import LLM_ADAPTER_TARGETS
 from anima_core.lora import lora_key, rank_for, save_file, select_linears
 
+
+def stores_8bit(linear: nn.Module) -> bool:
+    """The Linear keeps its frozen weight in an 8-bit float (anima-core's fp8 base)."""
+    weight = getattr(linear, "weight", None)
+    return weight is not None and weight.is_floating_point() and weight.element_size() == 1
+
 class DeviceSafeLokrModule(LokrModule):
     """lycoris 4.1.3's LoKr draws the rank-dropout mask on the CPU and multiplies it into a weight that may live on
     the GPU (the bug the reference patched in lycoris 3.4.0, still there). Same CPU draw, mask moved to the weight,
@@ -117,8 +123,16 @@ class LycorisAdapter:
             for name, linear in found.items():
                 rank = rank_for(name, o.rank, o.rank_by_regex)
                 key = lora_key(namer(name) if namer else name, PREFIX)
+                module_kwargs = kwargs
+                if stores_8bit(linear):
+                    # An fp8 base (model.base_precision: fp8): the rebuild path adds ΔW to the stored weight,
+                    # which fp8 can neither hold nor multiply; bypass computes base(x) + ΔW·x and never touches it.
+                    if o.dora:
+                        raise ValueError(f"adapter.dora rebuilds the full weight of {name} every forward, which an "
+                                         f"fp8 base does not hold: use model.base_precision: dtype with dora")
+                    module_kwargs = {**kwargs, "bypass_mode": True}
                 module = cls(key, linear, 1.0, rank, o.alpha if o.alpha is not None else rank, o.dropout,
-                             o.rank_dropout, o.module_dropout, **kwargs)
+                             o.rank_dropout, o.module_dropout, **module_kwargs)
                 if is_full_matrix(module):
                     # ComfyUI applies scale 1 to a LoKr with both factors full; lycoris does too, except with
                     # rs-scaling (√rank). Pin 1 and save alpha = rank so both readings agree.

@@ -65,6 +65,14 @@ def validate(options: LycorisOptions, config):
         yield error("adapter.bypass_mode", "DoRA rebuilds the weight every forward; bypass_mode must be off with "
                                            "dora (lycoris would silently drop the magnitude in bypass mode)")
     bypass = options.effective_bypass()
+    if getattr(getattr(config, "model", None), "base_precision", "dtype") == "fp8":
+        if options.dora:
+            yield error("adapter.dora", "DoRA rebuilds the full weight every forward, which an fp8 base "
+                                        "(model.base_precision: fp8) does not hold: turn one of them off")
+        elif options.bypass_mode is False:
+            yield warning("adapter.bypass_mode", "false is overridden on an fp8 base (model.base_precision: fp8): "
+                                                 "the weight cannot be rebuilt in fp8, so bypass mode is used")
+        bypass = True
     if options.dropout > 0 and not bypass:
         yield warning("adapter.dropout", f"{options.dropout} has no effect: lycoris applies dropout in bypass mode "
                                          f"only (set bypass_mode: true, or use rank_dropout/module_dropout)")
