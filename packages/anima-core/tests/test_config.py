@@ -63,6 +63,18 @@ def test_set_overrides_are_parsed_as_yaml_and_validated(builtin_host, write_yaml
         load_config(path, ["dataset.resolution=[500]"], builtin_host.registry)
 
 
+def test_yaml_mixed_precision_no_is_read_as_no(builtin_host, write_yaml):
+    """YAML reads an unquoted `no` as false; for train.mixed_precision that is the user's "no"."""
+    loaded = load_config(write_yaml("train:\n  mixed_precision: no\n"), [], builtin_host.registry)
+    assert loaded.config.train.mixed_precision == "no"
+    assert load_config(write_yaml("train: {mixed_precision: 'no'}\n", "quoted.yaml"), [],
+                       builtin_host.registry).config.train.mixed_precision == "no"
+    assert load_config(write_yaml("{}\n", "set.yaml"), ["train.mixed_precision=no"],
+                       builtin_host.registry).config.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):  # `yes` (true) still means nothing
+        load_config(write_yaml("train: {mixed_precision: yes}\n", "yes.yaml"), [], builtin_host.registry)
+
+
 def test_config_show_prints_the_resolved_config(anima, write_yaml):
     result = anima("config", "show", write_yaml("optimizer: {lr: 0.001}\n"), "--set", "loss.type=huber")
     assert result.returncode == 0, result.stderr

@@ -121,3 +121,33 @@ def test_files_core_cannot_read_go_to_the_adapter_that_can(tiny, tmp_path, host_
     torch.testing.assert_close(q.weight, before)
     models.apply_lora(tmp_path / "named.safetensors", 1.0)  # the file's metadata names its reader
     torch.testing.assert_close(q.weight, before + 2.0 * delta)
+
+
+def test_modules_that_match_nothing_are_listed_and_warned_about_once(tiny, lora_files, tmp_path, capsys, anima):
+    from safetensors.torch import load_file, save_file
+
+    _, nonzero = lora_files
+    tensors = load_file(str(nonzero))
+    extra = ["lora_unet_blocks_7_self_attn_q_proj", "lora_unet_blocks_8_mlp_layer1", "lora_unet_final_layer_x",
+             "lora_unet_no_such_module"]
+    for name in extra:
+        tensors[f"{name}.lora_down.weight"] = torch.zeros(4, 8)
+        tensors[f"{name}.lora_up.weight"] = torch.zeros(8, 4)
+        tensors[f"{name}.alpha"] = torch.tensor(4.0)
+    path = tmp_path / "partly.safetensors"
+    save_file(tensors, str(path))
+    applied = _load(tiny).apply_lora(path, 1.0)
+    assert applied.skipped == sorted(extra)
+    assert len(applied.deltas) == len(tensors) // 3 - len(extra)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert f"4 of its {len(tensors) // 3} modules match nothing" in err and ", ..." in err
+    assert all(name in err for name in sorted(extra)[:3])
+    assert _load(tiny).apply_lora(nonzero, 1.0).skipped == []  # a file that matches fully: no warning
+    assert "warning" not in capsys.readouterr().err
+    result = anima("generate", "--prompt", "x", "--transformer", tiny.transformer, "--text-encoder",
+                   tiny.text_encoder, "--vae", tiny.vae, "--qwen-tokenizer", tiny.qwen_tokenizer, "--t5-tokenizer",
+                   tiny.t5_tokenizer, "--lora", path, "--width", "32", "--height", "32", "--steps", "1",
+                   "--device", "cpu", "-o", tmp_path / "x.png", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("match nothing in this model") == 1

@@ -90,3 +90,29 @@ def test_multiplier_scales_the_delta():
         assert torch.allclose(model(x), base)
         adapter.set_multiplier(1.0)
         assert not torch.allclose(full, base)
+
+
+def test_alpha_is_saved_in_fp32_whatever_the_save_dtype(tmp_path):
+    """rs-LoRA rank 8, alpha 4 stores alpha 4·√8 = 11.3137; in bf16 it would be 11.3125 and shift ComfyUI's
+    alpha.item() / rank scale. Weights take the save dtype, alpha stays fp32 (as lycoris stores it)."""
+    from anima_core.model.lora_files import lora_deltas
+
+    adapter = LoRAAdapter(LoRAOptions(rank=8, alpha=4.0, rs_lora=True, targets=[r".*attn1\.to_q"]))
+    model = Tiny()
+    adapter.inject(model)
+    with torch.no_grad():
+        for mod in adapter.network.loras.values():
+            mod.lora_up.weight.normal_()
+    path = tmp_path / "rs.safetensors"
+    adapter.save(path, {}, dtype=torch.bfloat16)
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    key = "lora_unet_transformer_blocks_0_attn1_to_q"
+    assert tensors[f"{key}.alpha"].dtype == torch.float32
+    assert tensors[f"{key}.alpha"].item() == torch.tensor(4.0 * math.sqrt(8)).item()  # exactly the fp32 value
+    assert tensors[f"{key}.lora_down.weight"].dtype == torch.bfloat16
+    # what ComfyUI (and anima generate --lora) computes from it: alpha.item() / rank = 4 / √8
+    path_of = {"transformer_blocks.0.attn1.to_q": "transformer_blocks.0.attn1.to_q"}
+    delta = lora_deltas(tensors, path_of, str(path))["transformer_blocks.0.attn1.to_q"]
+    up, down = tensors[f"{key}.lora_up.weight"].float(), tensors[f"{key}.lora_down.weight"].float()
+    torch.testing.assert_close(delta, up @ down * (4.0 / math.sqrt(8)))

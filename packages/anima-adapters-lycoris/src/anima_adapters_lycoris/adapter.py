@@ -197,7 +197,7 @@ class LycorisAdapter:
                 "ss_network_alpha": str(o.alpha if o.alpha is not None else o.rank),
                 "ss_network_args": json.dumps(args), "anima_adapter": self.algo}
 
-    def save(self, path: Path | str, metadata: Mapping[str, str] | None = None,
+    def save(self, path: Path | str, metadata: Mapping[str, str] | None = None, *,
              dtype: torch.dtype | None = None) -> None:
         own = self.metadata()
         meta = {**own, **(metadata or {})}

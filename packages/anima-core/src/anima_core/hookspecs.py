@@ -36,10 +36,16 @@ def anima_register_adapters(register: Callable[[VariantSpec], None]) -> None:
 
     Call ``register(VariantSpec(name=..., options=..., build=...))`` once per variant. ``options`` subclasses
     :class:`anima_core.options.AdapterOptions`; ``build(options)`` returns an object satisfying
-    :class:`anima_core.protocols.AdapterProtocol` (``inject``, ``get_param_groups``, ``save``, ``load``; optionally
-    ``on_step_begin``, ``regularization_loss``, ``excludes_weight_decay``). A variant whose saved files are not plain
-    LoRA (``lora_down``/``lora_up``/``alpha``) sets ``file_deltas`` on its spec so ``anima generate --lora`` can
-    apply them; core asks every installed adapter with ``file_deltas``, the one named by the file's
+    :class:`anima_core.protocols.AdapterProtocol`, whose docstring is the full contract. In short, the runtime calls
+    ``inject(model)`` once with the DiT still on the CPU and its base already frozen (create fp32 parameters; with
+    ``model.base_precision: fp8`` never rebuild or add into the base weight; key the file by
+    ``model.original_module_name(path)`` so ComfyUI can load it), then ``get_param_groups(weight_decay)`` (torch
+    param-group dicts), ``load(path)`` on resume (in place, after the optimizer is built), ``save(path, metadata,
+    dtype=...)`` for each LoRA file and ``save(path, {})`` for each state. Optional: ``on_step_begin``,
+    ``regularization_loss``, ``excludes_weight_decay`` (:class:`anima_core.protocols.AdapterHooks`) and ``merge``,
+    ``unmerge``, ``set_multiplier`` (:class:`anima_core.protocols.MergeableAdapter`). A variant whose saved files
+    are not plain LoRA (``lora_down``/``lora_up``/``alpha``) sets ``file_deltas`` on its spec so ``anima generate
+    --lora`` can apply them; core asks every installed adapter with ``file_deltas``, the one named by the file's
     ``anima_adapter`` metadata first.
     """
 
@@ -60,8 +66,11 @@ def anima_register_lr_schedulers(register: Callable[[VariantSpec], None]) -> Non
     """Register learning-rate scheduler variants.
 
     ``options`` subclasses :class:`anima_core.options.LRSchedulerOptions` (which carries ``warmup_steps``);
-    ``build(options, optimizer, total_steps)`` returns a ``torch.optim.lr_scheduler.LRScheduler`` stepped once per
-    optimizer step.
+    ``build(options, optimizer, total_steps)`` returns a ``torch.optim.lr_scheduler.LRScheduler`` that core steps
+    once after every optimizer step (not at all for ``schedule_free`` optimizers). **The scheduler applies
+    ``warmup_steps``; core does not.** Core's schedulers warm up linearly with factor (k − 1) / warmup_steps at
+    optimizer step k, so step 1 runs at lr 0 and the full lr is reached at step ``warmup_steps + 1`` (see
+    :class:`anima_core.protocols.LRSchedulerBuilder`).
     """
 
 
@@ -69,10 +78,13 @@ def anima_register_lr_schedulers(register: Callable[[VariantSpec], None]) -> Non
 def anima_register_timestep_samplers(register: Callable[[VariantSpec], None]) -> None:
     """Register training timestep samplers.
 
-    ``options`` subclasses :class:`anima_core.options.TimestepSamplerOptions`; ``build(options, total_steps)``
-    returns a :class:`anima_core.protocols.TimestepSamplerProtocol`: ``sample(batch_size, generator=None)`` gives
-    t in (0, 1) on the CPU; ``record``, ``maybe_refresh``, ``status``, ``state_dict`` and ``load_state_dict`` are
-    optional.
+    ``options`` subclasses :class:`anima_core.options.TimestepSamplerOptions`; ``build(options,
+    total_steps=total_steps)`` returns a :class:`anima_core.protocols.TimestepSamplerProtocol`. t is the
+    rectified-flow time and equals the σ fed to the DiT: x_t = (1 − t)·x0 + t·ε, t = 1 is pure noise.
+    ``sample(batch_size, generator=None)`` returns fp32 t of shape ``[batch_size]`` on the CPU, in the open interval
+    (0, 1), drawing every random number from ``generator`` (the loop always passes one; the conformance kit checks
+    the global RNG is untouched). ``record``, ``maybe_refresh``, ``status``, ``state_dict`` and ``load_state_dict``
+    are optional (:class:`anima_core.protocols.TimestepSamplerHooks`).
     """
 
 
@@ -82,7 +94,8 @@ def anima_register_inference_samplers(register: Callable[[VariantSpec], None]) -
 
     ``options`` subclasses :class:`anima_core.options.InferenceSamplerOptions`; ``build(options)`` returns a
     :class:`anima_core.protocols.InferenceSamplerProtocol` whose ``sample(denoise_fn, x, sigmas, **kw)`` integrates
-    from ``sigmas[0]`` to ``sigmas[-1]``, where ``denoise_fn(x, sigma)`` returns the clean-sample estimate.
+    from ``sigmas[0]`` to ``sigmas[-1]``, where ``denoise_fn(x, sigma)`` returns the clean-sample estimate. Core
+    passes ``generator=``, ``callback=`` and ``shift=`` as keywords; draw every random number from ``generator``.
     """
 
 

@@ -123,7 +123,10 @@ class LoRANetwork(nn.Module):
             out[f"{key}.lora_up.weight"] = mod.lora_up.weight.detach()
             out[f"{key}.alpha"] = mod.alpha.detach()
         if dtype is not None:
-            out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+            # alpha stays fp32 (as lycoris stores it): ComfyUI computes the scale from alpha.item(), and a bf16
+            # alpha shifts it (rs-LoRA rank 8: 11.3137 would be stored as 11.3125)
+            out = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v
+                   for k, v in out.items()}
         return {k: v.contiguous().cpu() for k, v in out.items()}
 
     def load_file_state(self, tensors: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
@@ -191,7 +194,7 @@ class LoRAAdapter:
             raise ValueError(f"LoRA state does not match: {len(missing)} missing (e.g. {missing[:3]}), "
                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
 
-    def save(self, path: Path | str, metadata: Mapping[str, str] | None = None,
+    def save(self, path: Path | str, metadata: Mapping[str, str] | None = None, *,
              dtype: torch.dtype | None = None) -> None:
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(self.options.rank),
                 "ss_network_alpha": str(self.options.alpha if self.options.alpha is not None else self.options.rank),

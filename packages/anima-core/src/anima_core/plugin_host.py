@@ -44,14 +44,23 @@ class PluginRecord:
     status: Status = "loaded"
     error: str | None = None
     provides: dict[str, list[str]] = field(default_factory=dict)
+    failed_to: str | None = None  # "import", "register", "register its variants", "add its commands"
+    conflicts: list[str] = field(default_factory=list)  # "<kind> '<name>'" it provides that another one does too
 
     def as_json(self) -> dict[str, Any]:
         return {"distribution": self.distribution, "version": self.version, "status": self.status,
-                "error": self.error, "provides": {k: sorted(v) for k, v in self.provides.items() if v}}
+                "error": self.error, "provides": {k: sorted(v) for k, v in self.provides.items() if v},
+                "conflicts": sorted(self.conflicts)}
 
     @property
     def label(self) -> str:
         return f"{self.distribution} {self.version}"
+
+    def unavailable_reason(self) -> str:
+        """Why this plugin's variants are missing: ``failed to import (RuntimeError: boom)`` or ``is disabled``."""
+        if self.status == "disabled":
+            return f"is disabled ({DISABLE_ENV})"
+        return f"failed to {self.failed_to or 'load'} ({self.error})"
 
 
 @dataclass(frozen=True)
@@ -82,18 +91,47 @@ def _disabled_from_env() -> set[str]:
 class Registry:
     """The variants of every kind, each attributed to its distribution."""
 
-    def __init__(self) -> None:
+    def __init__(self, records: Iterable[PluginRecord] = ()) -> None:
         self._variants: dict[str, dict[str, Registration]] = {k: {} for k in KINDS}
+        self._clashes: dict[tuple[Kind, str], str] = {}
         self.conflicts: list[str] = []
+        self._records = records if isinstance(records, list) else list(records)  # to explain a missing variant
 
     def add(self, reg: Registration) -> None:
         existing = self._variants[reg.kind].get(reg.name)
         if existing is not None:
-            self.conflicts.append(
-                f"{reg.kind} '{reg.name}' is provided by both {existing.plugin.label} and {reg.plugin.label}: "
-                f"uninstall one of them, or skip one with {DISABLE_ENV}={reg.plugin.name}")
+            message = (f"{reg.kind} '{reg.name}' is provided by both {existing.plugin.label} and "
+                       f"{reg.plugin.label}: uninstall one of them, or skip one with "
+                       f"{DISABLE_ENV}={reg.plugin.name}")
+            self.conflicts.append(message)
+            self._clashes[(reg.kind, reg.name)] = message
+            for record in (existing.plugin, reg.plugin):
+                if f"{reg.kind} '{reg.name}'" not in record.conflicts:
+                    record.conflicts.append(f"{reg.kind} '{reg.name}'")
             return
         self._variants[reg.kind][reg.name] = reg
+
+    def lookup(self, kind: Kind, name: str) -> Registration | None:
+        """The registration kept under a name (for a clash, the first provider's), without raising: for building the
+        schema, which must not fail over a variant a config may not use. Runs use :meth:`get` / :meth:`spec`."""
+        return self._variants[kind].get(name)
+
+    def conflict(self, kind: Kind, name: str) -> str | None:
+        """The message naming both distributions when two provide this variant, else None."""
+        return self._clashes.get((kind, name))
+
+    def unavailable(self) -> list[PluginRecord]:
+        """Plugins that failed to load or are disabled (their variants are missing from this registry)."""
+        return [r for r in self._records if r.status != "loaded"]
+
+    def missing_hint(self, kind: Kind) -> str:
+        """For an unknown variant name: the plugins that failed or are disabled, which may be the ones providing it
+        (``""`` when every plugin loaded). What a failed import would have registered cannot be known."""
+        bad = self.unavailable()
+        if not bad:
+            return ""
+        which = "; ".join(f"{r.label} {r.unavailable_reason()}" for r in bad)
+        return f"; not loaded, and possibly what provides this {kind}: {which} (see `anima plugins list`)"
 
     def names(self, kind: Kind) -> list[str]:
         return sorted(self._variants[kind])
@@ -102,17 +140,24 @@ class Registry:
         return [self._variants[kind][n] for n in self.names(kind)]
 
     def get(self, kind: Kind, name: str) -> Registration:
+        """The variant's registration; :class:`PluginError` for an unknown name or one two distributions provide
+        (an error only when that variant is used: other variants keep working)."""
+        clash = self._clashes.get((kind, name))
+        if clash is not None:
+            raise PluginError(clash)
         try:
             return self._variants[kind][name]
         except KeyError:
             installed = ", ".join(self.names(kind)) or "none"
-            raise PluginError(f"no {kind} named '{name}' is installed (installed: {installed})") from None
+            raise PluginError(f"no {kind} named '{name}' is installed (installed: {installed})"
+                              f"{self.missing_hint(kind)}") from None
 
     def spec(self, kind: Kind, name: str) -> VariantSpec:
         return self.get(kind, name).spec
 
     def check(self) -> None:
-        """Raise if two distributions provide the same variant name (a run must never silently pick one)."""
+        """Raise if two distributions provide the same variant name anywhere (strict mode, ``plugins list``); a
+        config is refused only when it uses such a name (:meth:`get`)."""
         if self.conflicts:
             raise PluginError("; ".join(self.conflicts))
 
@@ -126,12 +171,14 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self.records: list[PluginRecord] = []
         self._registry: Registry | None = None
+        self._registry_error: PluginError | None = None  # strict mode: the failure, raised again without a rebuild
 
     # -- loading -------------------------------------------------------------------------------------------
     def _fail(self, record: PluginRecord, what: str, exc: BaseException) -> None:
         from anima_core import __version__
 
         record.status = "failed"
+        record.failed_to = what
         record.error = f"{type(exc).__name__}: {exc}"
         if self.pm.get_plugin(record.name) is not None:
             self.pm.unregister(name=record.name)
@@ -151,7 +198,7 @@ class PluginHost:
                 raise PluginError(f"implements unknown hook(s) {', '.join(sorted(unknown))}")
         except Exception as exc:
             self._fail(record, "register", exc)
-        self._registry = None
+        self._registry = self._registry_error = None
         return record
 
     def load_entry_points(self, entry_points: Iterable[md.EntryPoint] | None = None,
@@ -176,15 +223,25 @@ class PluginHost:
     # -- registry ------------------------------------------------------------------------------------------
     @property
     def registry(self) -> Registry:
+        """Built on first use. In strict mode a failure is kept and raised again on every later use, so a broken
+        plugin is not re-run (nor reported) once per caller."""
         if self._registry is None:
-            self._registry = self._build_registry()
+            if self._registry_error is not None:
+                raise self._registry_error
+            try:
+                self._registry = self._build_registry()
+            except PluginError as exc:
+                self._registry_error = exc
+                raise
         return self._registry
 
     def _build_registry(self) -> Registry:
-        registry = Registry()
+        registry = Registry(self.records)
         for record in self.records:
+            record.conflicts = []
             if record.status != "loaded":
                 continue
+            record.provides = {}
             try:
                 found = self._collect(record)
             except Exception as exc:
@@ -257,20 +314,28 @@ def make_host(*, entry_points: Iterable[md.EntryPoint] | None = None, disabled: 
 
 
 _HOST: PluginHost | None = None
+_HOST_ERROR: PluginError | None = None
 
 
 def get_host() -> PluginHost:
-    """The process-wide host, built on first use."""
-    global _HOST
+    """The process-wide host, built on first use. A strict-mode failure is kept: later calls raise the same error
+    without importing the plugins again."""
+    global _HOST, _HOST_ERROR
     if _HOST is None:
-        _HOST = make_host()
+        if _HOST_ERROR is not None:
+            raise _HOST_ERROR
+        try:
+            _HOST = make_host()
+        except PluginError as exc:
+            _HOST_ERROR = exc
+            raise
     return _HOST
 
 
 def set_host(host: PluginHost | None) -> None:
     """Replace (or with None, drop) the process-wide host and everything derived from it."""
-    global _HOST
-    _HOST = host
+    global _HOST, _HOST_ERROR
+    _HOST, _HOST_ERROR = host, None
     from anima_core.config import schema
 
     schema.reset()

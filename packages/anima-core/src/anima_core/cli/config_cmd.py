@@ -22,7 +22,8 @@ def schema(output: Optional[Path] = typer.Option(None, "-o", "--output", help="W
     from anima_core.plugin_host import get_host
 
     registry = get_host().registry
-    registry.check()
+    for conflict in registry.conflicts:  # configs that use the name are refused; the schema shows the first one's
+        typer.echo(f"warning: {conflict}", err=True)
     text = json.dumps(json_schema(registry), indent=2, sort_keys=True) + "\n"
     if output is None:
         typer.echo(text, nl=False)

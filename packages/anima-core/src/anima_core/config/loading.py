@@ -133,6 +133,34 @@ def _missing_kind_issues(data: dict[str, Any], registry: Registry) -> list[Issue
     return issues
 
 
+def _used_variants(data: dict[str, Any], registry: Registry) -> dict[tuple[str, ...], str]:
+    """The variant each plugin section of the config uses: its ``type``, or the default for a needed section left
+    out (after :func:`_fill_variant_types`)."""
+    used = {}
+    sample = data.get("sample") if isinstance(data.get("sample"), dict) else {}
+    for path, kind in PLUGIN_SECTIONS.items():
+        node: Any = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get("type"), str):
+            used[path] = node["type"]
+        elif node is None and (kind in _ALWAYS_NEEDED or bool(sample.get("prompts"))):
+            name = default_variant(registry, kind)
+            if name is not None:
+                used[path] = name
+    return used
+
+
+def _conflict_issues(data: dict[str, Any], registry: Registry) -> list[Issue]:
+    # Two distributions providing one name block only the configs that use that name.
+    issues = []
+    for path, name in _used_variants(data, registry).items():
+        clash = registry.conflict(PLUGIN_SECTIONS[path], name)
+        if clash is not None:
+            issues.append(error(".".join(path) + ".type", clash))
+    return issues
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...], registry: Registry) -> list[str]:
     # Walk the generated model along the error location to list the keys valid where the typo was made.
     current: Any = model
@@ -141,7 +169,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...], registry: Regist
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return []
         if path in PLUGIN_SECTIONS and isinstance(part, str) and part in registry.names(PLUGIN_SECTIONS[path]):
-            current = registry.spec(PLUGIN_SECTIONS[path], part).options
+            current = registry.lookup(PLUGIN_SECTIONS[path], part).spec.options
             continue
         info = current.model_fields.get(part) if isinstance(part, str) else None
         if info is None:
@@ -178,8 +206,9 @@ def _pydantic_issues(exc: ValidationError, model: type[BaseModel], registry: Reg
         elif kind == "union_tag_invalid":
             section = PLUGIN_SECTIONS.get(tuple(path.split(".")))
             installed = ", ".join(registry.names(section)) if section else err["ctx"].get("expected_tags")
+            hint = registry.missing_hint(section) if section else ""
             issues.append(error(f"{path}.type", f"unknown {section or 'variant'} {err['ctx']['tag']!r} "
-                                                f"(installed: {installed})"))
+                                                f"(installed: {installed}){hint}"))
         else:
             msg = err["msg"].removeprefix("Value error, ") or kind
             msg = msg[0].lower() + msg[1:]
@@ -226,16 +255,19 @@ def _plugin_issues(config: TrainingConfig, registry: Registry) -> list[Issue]:
 
 def validate_config(data: dict[str, Any], registry: Registry, source: str | None = None) -> LoadedConfig:
     """Validate a config mapping; raise :class:`ConfigError` with every error, or return config + warnings."""
-    registry.check()
     data = copy.deepcopy(data)
     _fill_variant_types(data, registry)
     model = training_config_model(registry)
-    issues = _missing_kind_issues(data, registry)
+    clashes = _conflict_issues(data, registry)
+    issues = _missing_kind_issues(data, registry) + clashes
     config = None
     try:
         config = model.model_validate(data)
     except ValidationError as exc:
-        issues += _pydantic_issues(exc, model, registry)
+        # a clashing section was checked against one provider's options only: its findings would mislead
+        clashing = tuple(i.path.removesuffix(".type") for i in clashes)
+        issues += [i for i in _pydantic_issues(exc, model, registry)
+                   if not any(i.path == c or i.path.startswith(c + ".") for c in clashing)]
     if config is not None and not issues:
         issues += _capability_issues(config, registry) + _plugin_issues(config, registry)
     if config is None or any(i.severity == "error" for i in issues):

@@ -54,7 +54,8 @@ def _section(registry: Registry, kind: Kind, description: str) -> tuple[Any, Any
                 Field(None, description=f"No {kind} variant is installed.", json_schema_extra=ui(kind)))
     models = tuple(r.spec.options for r in regs)
     union = models[0] if len(models) == 1 else Union[models]  # type: ignore[valid-type]
-    default = registry.spec(kind, default_variant(registry, kind) or regs[0].name).options
+    default_reg = registry.lookup(kind, default_variant(registry, kind) or regs[0].name) or regs[0]
+    default = default_reg.spec.options
     return (Annotated[union, Field(discriminator="type")],
             Field(default_factory=default, description=description, json_schema_extra=ui(kind)))
 

@@ -98,6 +98,12 @@ class TrainSection(StrictModel):
     loss_weighting: LossWeighting = Field(default_factory=LossWeighting, json_schema_extra=ui("loss"))
     noise: NoiseOptions = Field(default_factory=NoiseOptions, json_schema_extra=ui("train", advanced=True))
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value):
+        # YAML 1.1 reads an unquoted `no` (and `off`, `false`) as the boolean false: that is the "no" the user wrote
+        return "no" if value is False else value
+
 
 class SampleSection(StrictModel):
     ui_group = "sample"

@@ -7,6 +7,7 @@ Files in any other format (LoKr, LoHa, DoRA, ...) go to the installed adapter va
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +53,10 @@ def original_paths(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def lora_deltas(tensors: dict[str, torch.Tensor], known: dict[str, str], source: str) -> dict[str, torch.Tensor]:
-    """ΔW per module path (scale alpha/rank applied; 1 when the file has no alpha, as ComfyUI)."""
+def lora_deltas(tensors: dict[str, torch.Tensor], known: dict[str, str], source: str,
+                skipped: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """ΔW per module path (scale alpha/rank applied; 1 when the file has no alpha, as ComfyUI). The file's modules
+    that match nothing in the model (or lack a down or up) are appended to ``skipped``."""
     from anima_core.model.names import original_path_from_comfy_lora_name
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -86,6 +89,8 @@ def lora_deltas(tensors: dict[str, torch.Tensor], known: dict[str, str], source:
     if unmatched and not deltas:
         raise UserError(f"--lora {source}: none of its {len(groups)} modules match this model (e.g. "
                         f"{unmatched[:2]}); is it a LoRA for Anima?")
+    if skipped is not None:
+        skipped.extend(sorted(unmatched))
     return deltas
 
 
@@ -96,7 +101,7 @@ class AppliedLoRA:
     model: nn.Module
     deltas: dict[str, torch.Tensor]
     strength: float
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # the file's modules that matched nothing (not applied)
 
     def _apply(self, sign: float) -> None:
         modules = dict(self.model.named_modules())
@@ -162,13 +167,20 @@ def plugin_deltas(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str],
 
 def apply_lora_file(model: nn.Module, path: Path | str, strength: float = 1.0, registry=None) -> AppliedLoRA:
     """Merge a LoRA file at ``strength``. Plain LoRA is read here; other formats by the adapters in ``registry``
-    (the process's plugin registry by default)."""
+    (the process's plugin registry by default). Modules of a plain LoRA file that match nothing in the model are
+    listed in ``AppliedLoRA.skipped`` and named in one warning on stderr."""
     tensors, metadata = load_safetensors(path, "--lora", "a LoRA .safetensors file")
     known = original_paths(model)
+    skipped: list[str] = []
     if is_plain_lora(tensors):
-        deltas = lora_deltas(tensors, known, str(path))
+        deltas = lora_deltas(tensors, known, str(path), skipped)
     else:
         deltas = plugin_deltas(tensors, metadata, known, model, str(path), registry)
-    applied = AppliedLoRA(model, deltas, strength)
+    if skipped:
+        # ComfyUI lists every key it did not load; one line here, with the count and the first few
+        shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        print(f"warning: --lora {path}: {len(skipped)} of its {len(skipped) + len(deltas)} modules match nothing in "
+              f"this model and were not applied ({shown})", file=sys.stderr)
+    applied = AppliedLoRA(model, deltas, strength, skipped)
     applied._apply(1.0)
     return applied

@@ -34,5 +34,6 @@ def _save_state(ctx: TrainingContext):
             "loss_history": prog.loss_history[-10_000:], "config": cfg.model_dump(mode="json")}
     # the adapter's own format and precision, written straight into the state folder
     return state_files.save_state(boot.state_root, step=prog.global_step,
-                                  write_adapter=lambda path: ctx.models.adapter.save(path, {}), optim=optim,
+                                  write_adapter=lambda path: outputs.save_adapter(ctx.models.adapter, path, {}),
+                                  optim=optim,
                                   info=info, keep=cfg.output.keep_states)

@@ -3,14 +3,72 @@ kohya ``ss_*`` and ``modelspec.*`` metadata; optionally a diffusers/PEFT copy.""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_FLOATING = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_warned_no_dtype: set[Callable] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _save_takes_dtype(fn: Callable) -> bool:
+    """Whether an adapter's ``save`` accepts ``dtype=`` (the contract) or only ``(path, metadata)`` (the signature
+    documented before); inspected once per function."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: make the documented call
+        return True
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "dtype" and p.kind is not p.POSITIONAL_ONLY) for p in params)
+
+
+def _floating_dtypes(path: Path | str) -> dict[str, str]:
+    """Safetensors dtype of every floating, non-scalar tensor in a file (header only)."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            part = f.get_slice(key)
+            shape = part.get_shape()
+            if part.get_dtype() in _FLOATING and len(shape) and any(n != 1 for n in shape):
+                out[key] = part.get_dtype()
+    return out
+
+
+def save_adapter(adapter: Any, path: Path | str, metadata: Mapping[str, str],
+                 dtype: torch.dtype | None = None) -> None:
+    """Write an adapter file the way :class:`anima_core.protocols.AdapterProtocol` documents:
+    ``save(path, metadata, dtype=dtype)``, or ``save(path, metadata)`` when no dtype is asked for (states).
+
+    An adapter written to the older ``save(path, metadata=None)`` signature is called without ``dtype``; its file is
+    then in the adapter's own precision (core does not cast a plugin's file: it cannot know which of a foreign
+    format's tensors may be rounded), and if that differs from ``dtype`` one warning per run says so."""
+    save = adapter.save
+    fn = getattr(save, "__func__", save)
+    if dtype is None:
+        save(path, metadata)
+        return
+    if _save_takes_dtype(fn):
+        save(path, metadata, dtype=dtype)
+        return
+    save(path, metadata)
+    want = _SAFETENSORS_NAMES.get(dtype, str(dtype))
+    other = sorted({d for d in _floating_dtypes(path).values() if d != want})
+    if other and fn not in _warned_no_dtype:
+        _warned_no_dtype.add(fn)
+        name = getattr(fn, "__qualname__", repr(fn))
+        print(f"warning: the adapter's save() ({name}) takes no dtype argument, so LoRA files are written in its own "
+              f"precision ({', '.join(other)}), not output.save_dtype ({want}); the plugin should accept "
+              f"save(path, metadata=None, *, dtype=None) and cast", file=sys.stderr)
 
 
 def lora_metadata(config, *, steps: int, epoch: int, adapter_name: str) -> dict[str, str]:
@@ -79,7 +137,7 @@ def save_lora(ctx: Any, name: str) -> Path:
     # The adapter writes a temp file that is checked before it replaces the LoRA: what is checked is what is
     # written, after the cast to save_dtype (fp16 turns weights past 65504 into inf), whatever the adapter plugin.
     with atomic.atomic_path(path) as tmp:
-        adapter.save(tmp, meta, dtype=SAVE_DTYPES[cfg.output.save_dtype])
+        save_adapter(adapter, tmp, meta, dtype=SAVE_DTYPES[cfg.output.save_dtype])
         check_safetensors(tmp, path)
     if cfg.output.export_diffusers:
         from safetensors.torch import load_file

@@ -270,6 +270,7 @@ def run(ctx: TrainingContext) -> None:
             losses.append(_micro_batch(ctx, batch, generator, group_size, skips))
             if index + 1 < group_start + group_size:
                 continue
+            lr = opt.optimizer.param_groups[0]["lr"]  # the lr this step runs at (the scheduler steps after it)
             stepped = _optimizer_step(ctx, skips)
             prog.batch_in_epoch = index + 1
             skips.attempts += 1
@@ -290,8 +291,7 @@ def run(ctx: TrainingContext) -> None:
                 extra = {f"timestep_sampler/{k}": float(v) for k, v in status.items()
                          if isinstance(v, (int, float, bool))}
                 extra.update(_optimizer_metrics(opt.optimizer))
-                boot.monitor.log_step(prog.global_step, prog.epoch, mean, opt.optimizer.param_groups[0]["lr"],
-                                      extra)
+                boot.monitor.log_step(prog.global_step, prog.epoch, mean, lr, extra)
                 _after_step(ctx)
             if _stop_requested(ctx):
                 ctx.interrupted = True
