@@ -21,7 +21,7 @@ Examples:
 
 def build_app() -> typer.Typer:
     """A fresh app with core's commands and every loaded plugin's commands."""
-    from anima_core.cli import config_cmd, dataset_cmd, generate_cmd, plugins_cmd, train_cmd
+    from anima_core.cli import config_cmd, dataset_cmd, generate_cmd, plan_cmd, plugins_cmd, train_cmd
     from anima_core.plugin_host import get_host
 
     app = typer.Typer(name="anima", help=HELP, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -37,6 +37,7 @@ def build_app() -> typer.Typer:
 
     app.command("train")(train_cmd.train)
     app.command("generate")(generate_cmd.generate)
+    app.command("plan")(plan_cmd.plan)
     app.add_typer(plugins_cmd.app, name="plugins")
     app.add_typer(config_cmd.app, name="config")
     app.add_typer(dataset_cmd.app, name="dataset")
