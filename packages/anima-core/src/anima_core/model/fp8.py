@@ -3,9 +3,9 @@
 
 Why our own small module rather than diffusers' layerwise casting hooks or torchao:
 
-- diffusers' ``apply_layerwise_casting`` stores weights in fp8 *without a scale*. Anima's Linear weights are small
-  (std ≈ 0.02), so most of them fall into e4m3's subnormal range, where a plain cast keeps 1–3 significant bits
-  (``bench/fp8_error.py`` prints the error of both).
+- diffusers' ``apply_layerwise_casting`` stores weights in fp8 *without a scale*. At Anima's weight scale
+  (std ≈ 0.02) about half of them fall into e4m3's subnormal range (1–3 significant bits): 1.20× our output error
+  per Linear, and 9.4× at std 0.002 (``bench/fp8_error.py``); a per-tensor scale keeps it at ~2.6 % at any scale.
 - ComfyUI's fp8 files are per-tensor scaled (``scale_weight`` / ``weight_scale``), so reading them exactly needs the
   same representation; torchao's float8 weight-only config is per-row and a tensor subclass we cannot fill from
   such a file without re-quantising.
@@ -39,10 +39,13 @@ MARKER_KEY = "scaled_fp8"
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp8 tensor, fp32 scalar scale) with ``weight ≈ q · scale`` (round to nearest, amax maps to 448)."""
-    w = weight.detach().float()
-    amax = w.abs().amax() if w.numel() else torch.zeros((), device=w.device)
+    w = weight.detach()
+    # max |w| without an abs() copy, and the scaling in place on the one fp32 copy: 1.7x faster than the plain
+    # expression on a block Linear, bit for bit the same (quantising is most of an fp8 load's time)
+    amax = (torch.linalg.vector_norm(w, ord=float("inf")).float() if w.numel()
+            else torch.zeros((), device=w.device))
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(torch.float32)
-    q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    q = w.float().div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale.reshape(())
 
 
